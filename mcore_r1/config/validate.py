@@ -71,15 +71,14 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape]) -> list[str]:
         return [f"parallel: {err} (world = trainer.nnodes x trainer.devices_per_node = "
                 f"{t.nnodes} x {t.devices_per_node})"]
     if shape is not None:
-        try:
-            dims.check_model(shape.num_layers, shape.num_attention_heads, shape.num_query_groups,
-                             what=f"model {shape.architecture}")
-        except LayoutError as err:
-            problems.append(f"parallel: {err}")
+        problems += [f"parallel: {msg}" for msg in dims.model_problems(
+            shape.num_layers, shape.num_attention_heads, shape.num_query_groups,
+            what=f"model {shape.architecture}")]
         if shape.vision_num_heads is not None and shape.vision_num_heads % p.tp:
             problems.append(
                 f"parallel: the vision tower's {shape.vision_num_heads} attention heads are not "
-                f"divisible by TP={p.tp}"
+                f"divisible by TP={p.tp} ({shape.vision_num_heads} % {p.tp} = "
+                f"{shape.vision_num_heads % p.tp})"
             )
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")

@@ -48,25 +48,30 @@ class ParallelDims:
     def dp(self) -> int:
         return self.world_size // self.model_parallel_size
 
+    def model_problems(
+        self, num_layers: int, num_attention_heads: int, num_query_groups: int, what: str = "model"
+    ) -> list[str]:
+        """Every reason this layout cannot shard a model of this shape (empty if it can)."""
+        problems = []
+        for count, label, size, name in (
+            (num_attention_heads, "attention heads", self.tp, "TP"),
+            (num_query_groups, "query groups (KV heads)", self.tp, "TP"),
+            (num_layers, "layers", self.pp, "PP"),
+        ):
+            if count % size:
+                problems.append(
+                    f"{what}: {count} {label} are not divisible by {name}={size} "
+                    f"({count} % {size} = {count % size})"
+                )
+        return problems
+
     def check_model(
         self, num_layers: int, num_attention_heads: int, num_query_groups: int, what: str = "model"
     ) -> None:
-        """Reject a model shape this layout cannot shard."""
-        if num_attention_heads % self.tp:
-            raise LayoutError(
-                f"{what}: {num_attention_heads} attention heads are not divisible by TP={self.tp} "
-                f"({num_attention_heads} % {self.tp} = {num_attention_heads % self.tp})"
-            )
-        if num_query_groups % self.tp:
-            raise LayoutError(
-                f"{what}: {num_query_groups} query groups (KV heads) are not divisible by "
-                f"TP={self.tp} ({num_query_groups} % {self.tp} = {num_query_groups % self.tp})"
-            )
-        if num_layers % self.pp:
-            raise LayoutError(
-                f"{what}: {num_layers} layers are not divisible by PP={self.pp} "
-                f"({num_layers} % {self.pp} = {num_layers % self.pp})"
-            )
+        """Raise `LayoutError` listing every reason this layout cannot shard the model."""
+        problems = self.model_problems(num_layers, num_attention_heads, num_query_groups, what)
+        if problems:
+            raise LayoutError("; ".join(problems))
 
     def describe(self) -> str:
         return (
