@@ -29,10 +29,10 @@ def prepare_model_dir(cfg: Config) -> Path:
     """Return the checkpoint directory, building the offline tiny model if it is missing."""
     model_dir = resolve_model_dir(cfg.model)
     if cfg.model.tiny and not cfg.model.path and not (model_dir / "config.json").is_file():
-        from mcore_r1.models.tiny import build_tiny_model
+        from mcore_r1.models.tiny import ensure_tiny_model
 
         print(f"[smoke] building tiny model {cfg.model.tiny!r} at {model_dir}", flush=True)
-        build_tiny_model(cfg.model.tiny, model_dir)
+        ensure_tiny_model(cfg.model.tiny, model_dir.parent)
     return model_dir
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 from mcore_r1.models import tiny_tokenizer as tt
@@ -65,10 +65,14 @@ TEXT_SHAPE = dict(
     rms_norm_eps=1e-6, initializer_range=0.02, hidden_act="silu",
     bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID,
 )
-HEAD_DIM = 64  # 256 / 4; vLLM's CPU attention supports 32, 64, 80, 96, 112, 128, ...
+# vLLM's CPU attention accepts head sizes 32, 64, 80, ..., 512 only (not 16).
+HEAD_DIM = 64
+assert TEXT_SHAPE["hidden_size"] // TEXT_SHAPE["num_attention_heads"] == HEAD_DIM
 # M-RoPE splits the rotary half-dimension (32) between temporal, height and width positions.
 MROPE_SECTION = [8, 12, 12]
 assert sum(MROPE_SECTION) == HEAD_DIM // 2
+# Qwen configs carry sliding-window fields even with the window off; match real checkpoints.
+QWEN_WINDOW = dict(use_sliding_window=False, max_window_layers=TEXT_SHAPE["num_hidden_layers"])
 
 # Image processor limits: 56x56 .. 224x224 pixels, i.e. 4 .. 64 merged vision tokens per image.
 IMAGE_MIN_PIXELS = 56 * 56
@@ -93,10 +97,10 @@ def tiny_hf_config(name: str):
     _check_name(name)
     common = dict(TEXT_SHAPE, dtype="float32", architectures=[TINY_ARCHITECTURES[name]])
     if name == "qwen2":
-        return tf.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                              tie_word_embeddings=True)
+        return tf.Qwen2Config(**common, **QWEN_WINDOW, tie_word_embeddings=True,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     if name == "qwen3":
-        return tf.Qwen3Config(**common, head_dim=HEAD_DIM, tie_word_embeddings=True,
+        return tf.Qwen3Config(**common, **QWEN_WINDOW, head_dim=HEAD_DIM, tie_word_embeddings=True,
                               rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     if name == "llama3":
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -112,7 +116,7 @@ def _vl_config(name: str, common: dict):
     import transformers as tf
 
     architectures = common.pop("architectures")
-    text = dict(common, rope_parameters=_mrope())
+    text = dict(common, **QWEN_WINDOW, rope_parameters=_mrope())
     vision_common = dict(depth=2, num_heads=2, patch_size=PATCH_SIZE, in_channels=3,
                          spatial_merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
                          initializer_range=0.02)
@@ -170,31 +174,55 @@ def build_tiny_models(root: str | Path, names=TINY_MODEL_NAMES, seed: int = 0,
 def _build(name: str, out_dir: Path, seed: int, replace: bool) -> Path:
     out_dir = out_dir.expanduser().absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _sibling(out_dir, "tmp")
     try:
         _write_checkpoint(name, tmp, seed)
+        _match_umask(tmp)
         _publish(tmp, out_dir, replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return out_dir
 
 
+def _sibling(out_dir: Path, kind: str) -> Path:
+    """A fresh hidden directory next to ``out_dir`` (same filesystem, so renames are atomic).
+
+    ``os.mkdir`` rather than ``tempfile.mkdtemp``: it honours the umask, so the published
+    directory gets ordinary permissions instead of mkdtemp's 0700.
+    """
+    path = out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+def _match_umask(model_dir: Path) -> None:
+    """Give every file the mode a plain ``open()`` would (some writers create them 0600)."""
+    file_mode = model_dir.stat().st_mode & 0o666
+    for path in model_dir.rglob("*"):
+        if path.is_file():
+            path.chmod(file_mode)
+
+
 def _publish(tmp: Path, out_dir: Path, replace: bool) -> None:
     """Move the finished build into place with renames only (atomic on one filesystem)."""
     if replace and out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = _sibling(out_dir, "old")
         os.replace(out_dir, old / "model")
         try:
             os.replace(tmp, out_dir)
+        except BaseException:
+            os.replace(old / "model", out_dir)  # put the previous checkpoint back
+            raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
         return
     try:
-        os.rename(tmp, out_dir)
-    except OSError:
+        os.rename(tmp, out_dir)  # succeeds over a missing or empty directory only
+    except OSError as err:
         # Lost a race with a concurrent ensure_tiny_model: the other build is just as good.
         if not is_complete(out_dir):
-            raise
+            raise FileExistsError(f"{out_dir} exists but is not a tiny checkpoint (no config.json);"
+                                  " remove it or rebuild with build_tiny_model") from err
 
 
 def _write_checkpoint(name: str, model_dir: Path, seed: int) -> None:
@@ -241,10 +269,14 @@ def _save_weights(name: str, config, model_dir: Path, seed: int) -> None:
 
 
 def _save_tokenizer(name: str, tokenizer, model_dir: Path) -> None:
-    if name in VL_MODEL_NAMES:
-        build_processor(name, tokenizer).save_pretrained(model_dir)
-    else:
+    if name not in VL_MODEL_NAMES:
         tokenizer.save_pretrained(model_dir)
+        return
+    processor = build_processor(name, tokenizer)
+    processor.save_pretrained(model_dir)  # tokenizer files, chat template, processor_config.json
+    # transformers 5 keeps the image processor inside processor_config.json; published Qwen-VL
+    # checkpoints (and tools that sniff for VL models) have it as preprocessor_config.json.
+    processor.image_processor.save_pretrained(model_dir)
 
 
 def build_processor(name: str, tokenizer):
@@ -263,3 +295,12 @@ def build_processor(name: str, tokenizer):
     processor_cls = tf.Qwen2VLProcessor if name == "qwen2_vl" else tf.Qwen2_5_VLProcessor
     return processor_cls(image_processor=image_processor, tokenizer=tokenizer,
                          video_processor=video_processor, chat_template=tt.CHAT_TEMPLATE)
+
+
+def describe_checkpoint(model_dir: str | Path) -> str:
+    """One line per file with its size: what a build wrote (used by the CLI)."""
+    model_dir = Path(model_dir)
+    lines = [str(model_dir)]
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        lines.append(f"  {path.relative_to(model_dir)}  {path.stat().st_size:,} bytes")
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from collections.abc import Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -191,6 +192,18 @@ def synthetic_corpus(seed: int = CORPUS_SEED, n_lines: int = CORPUS_LINES) -> It
             yield " ".join(words).capitalize() + rng.choice((".", "?", "!", ",", ":", ";")) + "\n"
 
 
+def _without_special_tokens(lines: Iterator[str]) -> Iterator[str]:
+    """Cut special tokens out of the training text, yielding the pieces between them.
+
+    The trainer does not honour added tokens, so left in they would make BPE spend merges on
+    fragments such as "<|im" or "_pad|>" that encoding never produces (specials are matched
+    whole before BPE runs). Each piece is a separate sequence, so no merge spans a cut.
+    """
+    pattern = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    for line in lines:
+        yield from (piece for piece in pattern.split(line) if piece)
+
+
 def _pipeline(model: BPE) -> Tokenizer:
     """A ``tokenizers`` object with exactly Qwen2Tokenizer's normaliser/pre-tokeniser/decoder."""
     tok = Tokenizer(model)
@@ -213,7 +226,7 @@ def train_bpe() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...
         # The full byte alphabet makes every string encodable even if the corpus lacks a byte.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(synthetic_corpus(), trainer=trainer, length=CORPUS_LINES)
+    tok.train_from_iterator(_without_special_tokens(synthetic_corpus()), trainer=trainer)
     # The Python API exposes merges only through the JSON serialisation.
     model = json.loads(tok.to_str())["model"]
     vocab = tuple(sorted(model["vocab"].items(), key=lambda item: item[1]))
