@@ -20,6 +20,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def transformer_engine_available() -> bool:
+    """TransformerEngine is importable (it is only ever installed on GPU machines)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def local_rank() -> int:
     """Rank of this process on its node, as set by torchrun, Ray or Slurm."""
     for key in ("LOCAL_RANK", "SLURM_LOCALID"):

@@ -1,0 +1,83 @@
+"""Family dispatch: from an HF config to this rank's Megatron model and its weight rules.
+
+`build_model` and `weight_rules` are what the converter, the trainer and the refit call; they
+pick the family module from the registry (keyed by the HF `architectures` entry).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from mcore_r1.models import dense
+from mcore_r1.models.mapping import Rule
+from mcore_r1.models.registry import SUPPORTED_ARCHITECTURES, check_architecture
+
+DENSE_FAMILIES = ("qwen2", "qwen3", "llama")
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def family_of(hf: dict[str, Any], source: str = "config.json") -> str:
+    arch = (hf.get("architectures") or [None])[0]
+    if arch is None:
+        raise ValueError(f"{source}: no `architectures` entry")
+    return SUPPORTED_ARCHITECTURES[check_architecture(arch, source)]
+
+
+def text_arch(hf: dict[str, Any]) -> dense.TextArch:
+    return dense.TextArch.from_hf(hf, family_of(hf))
+
+
+def build_model(
+    hf: dict[str, Any],
+    layout: dense.ModelLayout,
+    dtype: torch.dtype = torch.float32,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+):
+    """This pipeline stage's Megatron model for the HF config `hf`."""
+    family = family_of(hf)
+    if family in DENSE_FAMILIES:
+        return dense.build_language_model(
+            text_arch(hf), layout, dtype, pre_process, post_process, vp_stage)
+    raise NotImplementedError(
+        f"the Megatron builder for {family} (vision-language) is not implemented yet")
+
+
+def weight_rules(hf: dict[str, Any], tp: int) -> list[Rule]:
+    """HF <-> Megatron rules for this model at TP=`tp` with the layer spec in use here."""
+    family = family_of(hf)
+    arch = text_arch(hf)
+    _, flavour = dense.layer_spec(arch.qk_norm)
+    if family in DENSE_FAMILIES:
+        return dense.language_rules(arch, tp, flavour)
+    raise NotImplementedError(f"weight rules for {family} are not implemented yet")
+
+
+def export_skip(hf: dict[str, Any]) -> Callable[[Rule], bool]:
+    """Rules whose Megatron tensor is not written to HF (duplicates such as a tied head)."""
+    arch = text_arch(hf)
+    return lambda rule: dense.is_tied_output(rule, arch)
+
+
+def load_hf_model(model_dir, layout: dense.ModelLayout, dtype: torch.dtype = torch.float32,
+                  progress=None):
+    """Build this rank's stage of the model in `model_dir` and fill it from the HF weights.
+
+    Needs Megatron's parallel groups initialised for `layout`. Each rank reads only the HF
+    tensors its own parameters are made from.
+    """
+    from megatron.core import parallel_state as mpu
+
+    from mcore_r1.models.hf_checkpoint import HFCheckpointReader
+    from mcore_r1.models.mapping import load_hf_weights
+    from mcore_r1.models.registry import read_hf_config
+
+    hf = read_hf_config(model_dir)
+    model = build_model(hf, layout, dtype, pre_process=mpu.is_pipeline_first_stage(),
+                        post_process=mpu.is_pipeline_last_stage())
+    load_hf_weights(model, HFCheckpointReader(model_dir), weight_rules(hf, layout.tp),
+                    tp_rank=mpu.get_tensor_model_parallel_rank(), tp=layout.tp, progress=progress)
+    return model, hf

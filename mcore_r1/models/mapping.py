@@ -1,0 +1,243 @@
+"""HF <-> Megatron-Core weight mapping: the one place that knows how tensors correspond.
+
+A family's mapping is a list of declarative `Rule`s: one Megatron parameter name, the HF
+tensor names it is made of, the transform between the two layouts, and how the Megatron
+tensor is cut over tensor parallelism. Names may contain `{layer}` (the *global* layer index).
+
+Three views of every Megatron parameter exist, and the code keeps them apart:
+  HF tensors  <-(transform)->  full Megatron tensor (TP=1)  <-(TP split)->  this rank's shard
+
+The converter (`tools/convert_hf_mcore.py`), the logit checks and the refit into vLLM all go
+through `load_hf_weights` / `export_hf_weights` below; nothing else encodes the layouts.
+
+Transforms:
+  copy     the same tensor
+  qkv      q, k, v (weights or biases) -> Megatron's fused `linear_qkv`, grouped per query
+           group: [q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...]; a TP
+           split of dim 0 then hands each rank whole query groups
+  gate_up  gate, up -> `linear_fc1` = [gate; up]; each TP rank holds [gate_r; up_r]
+  vocab    embedding / output rows padded with zeros to a size divisible by TP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+
+class MappingError(ValueError):
+    """Weights that do not fit the model: names the tensor and the shapes involved."""
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Smallest size >= vocab_size divisible by TP (padding rows never reach HF files)."""
+    return math.ceil(vocab_size / tp) * tp
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A layout change between HF tensors and one full (unsharded) Megatron tensor."""
+
+    kind: str
+    to_mcore: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+def copy_transform() -> Transform:
+    return Transform("copy", lambda ts: ts[0], lambda t: [t])
+
+
+def qkv_transform(num_heads: int, num_groups: int, head_dim: int) -> Transform:
+    per_group = num_heads // num_groups
+
+    def to_mcore(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+        q, k, v = ts
+        rest = q.shape[1:]  # (hidden,) for weights, () for biases
+        parts = [
+            q.reshape(num_groups, per_group * head_dim, *rest),
+            k.reshape(num_groups, head_dim, *rest),
+            v.reshape(num_groups, head_dim, *rest),
+        ]
+        return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+    def to_hf(t: torch.Tensor) -> list[torch.Tensor]:
+        rest = t.shape[1:]
+        grouped = t.reshape(num_groups, (per_group + 2) * head_dim, *rest)
+        q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
+        return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
+
+    return Transform("qkv", to_mcore, to_hf)
+
+
+def gate_up_transform() -> Transform:
+    return Transform(
+        "gate_up",
+        lambda ts: torch.cat([ts[0], ts[1]], dim=0),
+        lambda t: [x.contiguous() for x in t.chunk(2, dim=0)],
+    )
+
+
+def vocab_transform(vocab_size: int, padded_size: int) -> Transform:
+    def to_mcore(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+        t = ts[0]
+        if t.shape[0] == padded_size:
+            return t
+        pad = t.new_zeros(padded_size - t.shape[0], *t.shape[1:])
+        return torch.cat([t, pad], dim=0)
+
+    return Transform("vocab", to_mcore, lambda t: [t[:vocab_size].contiguous()])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron parameter and the HF tensors it is made from."""
+
+    mcore: str
+    hf: tuple[str, ...]
+    transform: Transform
+    tp_dim: Optional[int] = None  # None: replicated over TP
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.mcore
+
+    def split(self, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+        """This TP rank's piece of the full Megatron tensor."""
+        if self.tp_dim is None or tp == 1:
+            return full
+        if self.transform.kind == "gate_up":
+            gate, up = full.chunk(2, dim=0)
+            return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]], dim=0)
+        return full.chunk(tp, dim=self.tp_dim)[tp_rank]
+
+    def merge(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `split`: the full Megatron tensor from all TP ranks' pieces (rank order)."""
+        if self.tp_dim is None or len(shards) == 1:
+            return shards[0]
+        if self.transform.kind == "gate_up":
+            gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+            return torch.cat([*gates, *ups], dim=0)
+        return torch.cat(list(shards), dim=self.tp_dim)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A rule bound to one local parameter of a (possibly pipeline-sliced) model."""
+
+    rule: Rule
+    local_name: str
+    layer: Optional[int]  # global layer index, or None
+
+    @property
+    def hf_names(self) -> list[str]:
+        return [n.format(layer=self.layer) for n in self.rule.hf]
+
+
+def local_layer_numbers(model: torch.nn.Module, prefix: str = "decoder.layers") -> dict[int, int]:
+    """Local layer index -> global layer index, read from Megatron's own `layer_number`
+    (1-based, global), so uneven pipeline splits need no arithmetic here."""
+    block = model.get_submodule(prefix)
+    return {i: layer.layer_number - 1 for i, layer in enumerate(block)}
+
+
+def bind_rules(
+    model: torch.nn.Module,
+    rules: Iterable[Rule],
+    layer_prefixes: Optional[dict[str, dict[int, int]]] = None,
+) -> list[Binding]:
+    """Match rules to the parameters this model (stage) actually holds.
+
+    `layer_prefixes` maps a layer-list prefix (e.g. "decoder.layers") to its local->global
+    index table; rules whose parameter is absent on this stage are skipped.
+    """
+    names = set(_tensor_names(model))
+    layer_prefixes = layer_prefixes or {"decoder.layers": local_layer_numbers(model)}
+    bindings = []
+    for rule in rules:
+        if not rule.per_layer:
+            if rule.mcore in names:
+                bindings.append(Binding(rule, rule.mcore, None))
+            continue
+        prefix = rule.mcore.split(".{layer}")[0]
+        for local, global_ in layer_prefixes.get(prefix, {}).items():
+            local_name = rule.mcore.replace("{layer}", str(local))
+            if local_name in names:
+                bindings.append(Binding(rule, local_name, global_))
+    return bindings
+
+
+def _tensor_names(model: torch.nn.Module) -> list[str]:
+    return [k for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")]
+
+
+def unmapped_parameters(model: torch.nn.Module, bindings: Sequence[Binding]) -> list[str]:
+    bound = {b.local_name for b in bindings}
+    return [n for n, _ in model.named_parameters() if n not in bound]
+
+
+def load_hf_weights(
+    model: torch.nn.Module,
+    get_hf_tensor: Callable[[str], torch.Tensor],
+    rules: Sequence[Rule],
+    tp_rank: int = 0,
+    tp: int = 1,
+    layer_prefixes: Optional[dict[str, dict[int, int]]] = None,
+    progress: Optional[Callable[[Binding], None]] = None,
+) -> int:
+    """Fill this rank's Megatron parameters from HF tensors; returns the count loaded.
+
+    Every parameter must be covered by a rule and every shape must match: a mismatch names
+    the Megatron tensor, its HF sources and both shapes.
+    """
+    bindings = bind_rules(model, rules, layer_prefixes)
+    missing = unmapped_parameters(model, bindings)
+    if missing:
+        raise MappingError(f"no mapping rule for Megatron parameters: {', '.join(missing[:8])}"
+                           + (" ..." if len(missing) > 8 else ""))
+    targets = model.state_dict(keep_vars=True)
+    for binding in bindings:
+        sources = [get_hf_tensor(name) for name in binding.hf_names]
+        try:
+            full = binding.rule.transform.to_mcore(sources)
+        except RuntimeError as err:
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(binding.hf_names, sources))
+            raise MappingError(f"{binding.local_name}: cannot build from {shapes}: {err}") from err
+        shard = binding.rule.split(full, tp_rank, tp)
+        target = targets[binding.local_name]
+        if shard.shape != target.shape:
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(binding.hf_names, sources))
+            raise MappingError(
+                f"{binding.local_name}: checkpoint gives shape {tuple(shard.shape)} (from "
+                f"{shapes}) but the model expects {tuple(target.shape)} at TP rank {tp_rank}/{tp}"
+            )
+        with torch.no_grad():
+            target.copy_(shard)
+        if progress:
+            progress(binding)
+    return len(bindings)
+
+
+def export_hf_weights(
+    model: torch.nn.Module,
+    rules: Sequence[Rule],
+    gather_tp: Callable[[torch.Tensor], list[torch.Tensor]] = lambda t: [t],
+    layer_prefixes: Optional[dict[str, dict[int, int]]] = None,
+    skip: Callable[[Rule], bool] = lambda rule: False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every parameter this stage holds, one rule at a time.
+
+    `gather_tp(shard)` returns all TP ranks' shards in rank order (an all-gather on real
+    groups); memory stays bounded by one full tensor at a time.
+    """
+    state = model.state_dict(keep_vars=True)
+    for binding in bind_rules(model, rules, layer_prefixes):
+        if skip(binding.rule):
+            continue
+        shard = state[binding.local_name].detach()
+        shards = gather_tp(shard) if binding.rule.tp_dim is not None else [shard]
+        full = binding.rule.merge(shards)
+        yield from zip(binding.hf_names, binding.rule.transform.to_hf(full))
