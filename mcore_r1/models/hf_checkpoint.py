@@ -60,42 +60,51 @@ class HFCheckpointReader:
     __call__ = get
 
 
-def write_sharded_safetensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, max_shard_bytes: int = 2 << 30
-) -> dict[str, str]:
-    """Write (name, tensor) pairs as sharded safetensors plus the index; returns the weight map.
+def write_shards(
+    tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, tag: str = "0",
+    max_shard_bytes: int = 2 << 30,
+) -> list[tuple[str, list[str], int]]:
+    """Write (name, tensor) pairs into temporary shard files; returns (file, names, bytes).
 
-    Shards are flushed as soon as they reach `max_shard_bytes`, so memory holds at most one
-    shard. Files are named after the final shard count once it is known.
+    A shard is flushed as soon as it reaches `max_shard_bytes`, so memory holds at most one
+    shard. `tag` keeps the files of several writers (pipeline stages) apart until
+    `write_index` gives them their final names.
     """
     out_dir = Path(out_dir)
-    written: list[tuple[Path, list[str]]] = []
+    shards: list[tuple[str, list[str], int]] = []
     current: dict[str, torch.Tensor] = {}
-    size = total = 0
+    size = 0
 
     def flush():
         nonlocal current, size
         if current:
-            path = out_dir / f".shard-{len(written):05d}.safetensors"
-            save_file(current, path, metadata={"format": "pt"})
-            written.append((path, list(current)))
+            name = f".part-{tag}-{len(shards):05d}.safetensors"
+            save_file(current, out_dir / name, metadata={"format": "pt"})
+            shards.append((name, list(current), size))
             current, size = {}, 0
 
     for name, tensor in tensors:
-        if name in current or any(name in names for _, names in written):
-            raise CheckpointError(f"tensor {name!r} produced twice")
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
         current[name] = tensor.contiguous()
         size += nbytes
-        total += nbytes
     flush()
-    weight_map = {}
-    for i, (path, names) in enumerate(written):
-        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-        path.rename(out_dir / final)
-        weight_map.update({n: final for n in names})
+    return shards
+
+
+def write_index(out_dir: str | Path, shards: list[tuple[str, list[str], int]]) -> dict[str, str]:
+    """Rename temporary shards to `model-0000i-of-0000N.safetensors` and write the index."""
+    out_dir = Path(out_dir)
+    weight_map: dict[str, str] = {}
+    for i, (tmp_name, names, _) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (out_dir / tmp_name).rename(out_dir / final)
+        for name in names:
+            if name in weight_map:
+                raise CheckpointError(f"tensor {name!r} produced twice")
+            weight_map[name] = final
+    total = sum(size for _, _, size in shards)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
