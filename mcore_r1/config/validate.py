@@ -135,7 +135,8 @@ def _value_problems(cfg: Config) -> list[str]:
         (r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1"),
         (a.clip_ratio_low >= 0 and a.clip_ratio_high >= 0,
          f"algorithm clip ratios must be >= 0 (low={a.clip_ratio_low}, high={a.clip_ratio_high})"),
-        (a.clip_ratio_c > 1, f"algorithm.clip_ratio_c={a.clip_ratio_c} must be > 1"),
+        (a.clip_ratio_c > 1 or a.clip_ratio_c == 0,
+         f"algorithm.clip_ratio_c={a.clip_ratio_c} must be > 1 (or 0 = dual clip off)"),
         (a.ppo_epochs >= 1, f"algorithm.ppo_epochs={a.ppo_epochs} must be >= 1"),
         (0 < d.min_pixels <= d.max_pixels,
          f"data.min_pixels={d.min_pixels} must be positive and <= data.max_pixels={d.max_pixels}"),
@@ -151,6 +152,57 @@ def _value_problems(cfg: Config) -> list[str]:
     return [msg for ok, msg in checks if not ok]
 
 
+def _algorithm_problems(cfg: Config) -> list[str]:
+    """Names must exist in the `mcore_r1.algos` registries; estimators get the inputs they need."""
+    from mcore_r1 import algos
+
+    a, n = cfg.algorithm, cfg.rollout.n
+
+    def known(value, names, what):
+        return (value in names, f"algorithm.{what}={value!r} is unknown; known: {', '.join(names)}")
+
+    kl_in_reward = not a.use_kl_loss and a.kl_coef > 0
+    checks = [
+        known(a.advantage_estimator, list(algos.ADVANTAGE_ESTIMATORS), "advantage_estimator"),
+        known(a.policy_loss, list(algos.POLICY_LOSSES), "policy_loss"),
+        known(a.loss_agg_mode, list(algos.AGG_MODES), "loss_agg_mode"),
+        known(a.kl_estimator, list(algos.KL_ESTIMATOR_NAMES), "kl_estimator"),
+        known(a.kl_ctrl, list(algos.KL_CONTROLLERS), "kl_ctrl"),
+        known(a.singleton_groups, list(algos.SINGLETON_POLICIES), "singleton_groups"),
+        known(a.rollout_is, list(algos.IS_LEVELS), "rollout_is"),
+        (a.advantage_estimator not in algos.NEEDS_CRITIC or a.use_critic,
+         f"algorithm.advantage_estimator={a.advantage_estimator} needs a critic: set algorithm.use_critic=true"),
+        (not a.use_critic or a.advantage_estimator in algos.NEEDS_CRITIC,
+         f"algorithm.use_critic=true but advantage_estimator={a.advantage_estimator} never reads "
+         "values; use gae or drop the critic"),
+        (a.advantage_estimator not in algos.NEEDS_GROUPS or n >= 2 or a.singleton_groups != "error",
+         f"algorithm.advantage_estimator={a.advantage_estimator} compares responses within a group "
+         f"but rollout.n={n}; raise rollout.n or set algorithm.singleton_groups"),
+        (not a.dynamic_sampling or n >= 2,
+         f"algorithm.dynamic_sampling needs rollout.n >= 2 (got {n}): a single response has no spread"),
+        (not a.policy_loss.startswith("gspo") or (a.clip_ratio_low < 1 and a.clip_ratio_high < 1),
+         f"algorithm.policy_loss={a.policy_loss} clips a sequence-level geometric-mean ratio; its "
+         f"ranges are ~1e-4 (paper 3e-4 / 4e-4), got low={a.clip_ratio_low}, high={a.clip_ratio_high}"),
+        (0 <= a.gamma <= 1 and 0 <= a.lam <= 1,
+         f"algorithm.gamma={a.gamma} and algorithm.lam={a.lam} must be in [0, 1]"),
+        (a.kl_coef >= 0, f"algorithm.kl_coef={a.kl_coef} must be >= 0"),
+        (a.kl_ctrl != "adaptive" or (kl_in_reward and a.kl_target > 0 and a.kl_horizon > 0),
+         "algorithm.kl_ctrl=adaptive steers KL in the reward: needs use_kl_loss=false, kl_coef > 0, "
+         f"kl_target > 0, kl_horizon > 0 (got {a.use_kl_loss}, {a.kl_coef}, {a.kl_target}, {a.kl_horizon})"),
+        (not (kl_in_reward and a.kl_estimator == "full"),
+         "algorithm.kl_estimator=full needs full-vocabulary log-probs, which rollouts do not keep; "
+         "use it only with use_kl_loss=true"),
+        (0 <= a.overlong_buffer_len <= cfg.rollout.max_new_tokens,
+         f"algorithm.overlong_buffer_len={a.overlong_buffer_len} must be in [0, rollout.max_new_tokens="
+         f"{cfg.rollout.max_new_tokens}]"),
+        (a.seq_norm_len >= 0, f"algorithm.seq_norm_len={a.seq_norm_len} must be >= 0"),
+        (a.rollout_is_cap > 0, f"algorithm.rollout_is_cap={a.rollout_is_cap} must be > 0"),
+        (a.value_clip >= 0 and a.critic_lr > 0,
+         f"algorithm.value_clip={a.value_clip} must be >= 0 and critic_lr={a.critic_lr} > 0"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
 def validate(cfg: Config) -> ModelShape:
     """Check `cfg` and return the model shape it was checked against; raise `ConfigError`."""
     problems: list[str] = []
@@ -163,6 +215,7 @@ def validate(cfg: Config) -> ModelShape:
         problems.append(f"model: {err.args[0] if err.args else err}")
     problems.extend(_layout_problems(cfg, shape))
     problems.extend(_value_problems(cfg))
+    problems.extend(_algorithm_problems(cfg))
     if problems:
         raise ConfigError(problems)
     return shape
