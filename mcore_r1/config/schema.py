@@ -65,33 +65,56 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = knob("grpo", "Algorithm preset name, for logs: grpo, dapo, gspo, cispo, rloo, remax, reinforce_pp, ppo")
+    name: str = knob("grpo", "Algorithm preset name, for logs: grpo, dapo, gspo, cispo, rloo, remax, reinforce_plus_plus, ppo, dr_grpo")
     advantage_estimator: str = knob("grpo", "Advantage estimator: gae, grpo, rloo, remax, reinforce_plus_plus, reinforce_plus_plus_baseline")
     norm_adv_by_std: bool = knob(True, "Divide group-centred rewards by the group std (off = Dr.GRPO)")
     policy_loss: str = knob("ppo_clip", "Policy loss: ppo_clip, gspo, gspo_token, cispo")
     clip_ratio_low: float = knob(0.2, "Lower PPO clip: ratio >= 1 - clip_ratio_low")
     clip_ratio_high: float = knob(0.2, "Upper PPO clip: ratio <= 1 + clip_ratio_high (DAPO clip-higher uses 0.28)")
-    clip_ratio_c: float = knob(3.0, "Dual-clip bound c for negative advantages (> 1)")
+    clip_ratio_c: float = knob(3.0, "Dual-clip bound c for negative advantages (> 1; 0 = off, as OpenRLHF)")
     loss_agg_mode: str = knob("token-mean", "token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm")
-    use_kl_loss: bool = knob(True, "Add KL(actor || reference) to the loss (GRPO) instead of the reward")
+    use_kl_loss: bool = knob(True, "Add KL(actor || reference) to the loss (GRPO) instead of the reward (kl_coef 0 = no KL)")
     kl_coef: float = knob(0.01, "Weight of the KL term")
     kl_estimator: str = knob("low_var_kl", "KL estimator: k1, abs, mse (k2), low_var_kl (k3), full")
     entropy_coeff: float = knob(0.0, "Entropy bonus weight")
     ppo_epochs: int = knob(1, "Passes over each rollout batch")
     dynamic_sampling: bool = knob(False, "DAPO: drop groups whose rewards are all equal and resample")
+    dynamic_sampling_max_tries: int = knob(10, "DAPO: generation rounds allowed to fill a batch with informative groups; <= 0 = unlimited")
+    overlong_buffer_len: int = knob(0, "DAPO overlong shaping: penalty ramps over the last N tokens before rollout.max_new_tokens; 0 = off")
+    overlong_penalty_factor: float = knob(1.0, "DAPO overlong shaping: reward penalty at the length limit (-factor)")
+    gamma: float = knob(1.0, "Discount factor for gae and reinforce_plus_plus returns")
+    lam: float = knob(1.0, "GAE lambda (bias/variance trade-off of the critic's advantage)")
+    adv_std_eps: float = knob(1e-6, "GRPO: A = (s - mean) / (std + eps), unbiased group std (verl/EasyR1)")
+    singleton_groups: str = knob("error", "Groups of one response for grpo/rloo/rf++-baseline: error, zero (advantage 0), no_baseline (raw score)")
+    seq_norm_len: int = knob(0, "Constant length of seq-mean-token-sum-norm (Dr.GRPO); 0 = rollout.max_new_tokens")
+    kl_ctrl: str = knob("fixed", "KL-in-reward coefficient controller: fixed or adaptive (Ziegler et al.)")
+    kl_target: float = knob(0.1, "Adaptive KL controller: target KL per token")
+    kl_horizon: int = knob(10000, "Adaptive KL controller: horizon in responses")
+    rollout_is: str = knob("off", "Truncated importance sampling on train/rollout log-prob mismatch: off, token, sequence")
+    rollout_is_cap: float = knob(2.0, "Truncation cap of the rollout importance weights")
+    use_critic: bool = knob(False, "Train a value model (needed by the gae estimator, i.e. PPO)")
+    critic_lr: float = knob(1e-5, "Learning rate of the critic")
+    value_clip: float = knob(0.5, "Critic loss clip range around the old values; 0 = unclipped")
 
 
 @dataclass
 class DataConfig:
-    train_files: str = knob("", "Training data: jsonl/json/parquet file or folder, or a datasets folder; empty = built-in synthetic task")
-    val_files: str = knob("", "Validation data, same forms as train_files")
+    train_files: str = knob("", "Training data: jsonl/json/parquet file or folder, a save_to_disk folder, or name@split; comma-separated for several; empty = built-in synthetic task")
+    val_files: str = knob("", "Validation data, same forms as train_files; empty with a synthetic task = its test split")
+    synthetic: str = knob("counting", "Built-in synthetic task used when train_files is empty: counting (vision) or arithmetic (text)")
+    synthetic_train_size: int = knob(512, "Rows in the synthetic train split")
+    synthetic_test_size: int = knob(64, "Rows in the synthetic test split")
     format: str = knob("easyr1", "Record format: easyr1 (problem/answer/images) or lmm_r1 (OpenAI message list)")
-    prompt_key: str = knob("problem", "Column holding the prompt text")
+    prompt_key: str = knob("problem", "Column holding the prompt text (easyr1), with one <image> tag per image")
     answer_key: str = knob("answer", "Column holding the reference answer")
-    image_key: str = knob("images", "Column holding the images (paths, bytes or PIL)")
-    format_prompt: Optional[str] = knob(None, "Jinja file wrapping each prompt (e.g. math or r1v style)")
+    image_key: str = knob("images", "Column holding the images (paths, bytes or PIL) (easyr1)")
+    message_key: str = knob("message", "Column holding the OpenAI message list, a JSON string or a list (lmm_r1)")
+    image_dir: Optional[str] = knob(None, "Directory relative image paths are resolved against before the dataset file's own directory")
+    format_prompt: Optional[str] = knob(None, "Jinja format prompt wrapping the user text: shipped math, r1v, confidence, or a file path")
     system_prompt: Optional[str] = knob(None, "System message prepended to every conversation")
-    max_prompt_length: int = knob(512, "Longest prompt in tokens; longer rows are dropped, never truncated")
+    max_prompt_length: int = knob(512, "Longest prompt in tokens (image tokens included); prompts are never truncated")
+    filter_overlong_prompts: bool = knob(True, "Drop (and count) prompts longer than max_prompt_length; false = such a prompt is an error")
+    skip_bad_rows: bool = knob(False, "Skip rows that cannot be used (bad JSON, missing image or answer), counting and logging them; false = error")
     min_pixels: int = knob(3136, "Smallest image area in pixels after resizing (training and vLLM alike)")
     max_pixels: int = knob(50176, "Largest image area in pixels after resizing (training and vLLM alike)")
     prompts_per_step: int = knob(8, "Prompts sampled per RL step (global)")
@@ -102,10 +125,18 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    function: str = knob("r1v", "Built-in reward name, or `path/to/file.py:fn`, or `pkg.module:fn`")
-    kwargs: dict = knob({}, "Keyword arguments passed to the reward function")
-    num_workers: int = knob(2, "Processes scoring rewards in parallel on the driver")
-    timeout_s: float = knob(10.0, "Seconds one reward call may take before it scores 0 and is logged")
+    function: str = knob("r1v", "Built-in reward (math, r1v, confidence), or `path/to/file.py[:fn]`, or `pkg.module:fn`")
+    kwargs: dict = knob({}, "Keyword arguments passed to the reward function (e.g. format_weight)")
+    num_workers: int = knob(2, "Processes scoring rewards in parallel on the driver; 0 = in-process without timeouts (debugging)")
+    timeout_s: float = knob(10.0, "Seconds one sample's reward may take; then the worker is killed and the sample gets fallback_score")
+    fallback_score: float = knob(0.0, "Reward given to a sample whose scoring timed out, raised, crashed or failed remotely (counted and logged)")
+    overlong_buffer: int = knob(0, "DAPO soft overlong penalty: tokens before the length limit where the penalty ramps to -1; 0 = off")
+    overlong_penalty_factor: float = knob(1.0, "Weight of the overlong penalty added to `overall`")
+    max_response_length: int = knob(0, "Length limit of the overlong penalty in tokens; 0 = rollout.max_new_tokens")
+    remote_url: Optional[str] = knob(None, "HTTP endpoint scoring batches instead of `function` (like OpenRLHF --remote_rm_url)")
+    remote_timeout_s: float = knob(30.0, "Seconds one remote request may take")
+    remote_retries: int = knob(3, "Extra attempts after a failed remote request (exponential backoff); then fallback_score")
+    remote_batch_size: int = knob(64, "Samples per remote request")
 
 
 @dataclass
@@ -145,6 +176,31 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class EvalConfig:
+    """`python -m mcore_r1.eval`: generate with vLLM on a dataset split, score, write metrics.
+
+    Sampling uses rollout.val_n responses per prompt at rollout.val_temperature (plus top_p,
+    top_k, max_new_tokens, seed from `rollout`).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    split: str = knob("test", "Which data to evaluate: test (data.val_files or the synthetic test split) or train")
+    max_prompts: int = knob(0, "Evaluate only the first N prompts; 0 = all")
+    k: list = knob([1], "pass@k values to report (unbiased estimator); each must be <= rollout.val_n")
+    correct_threshold: float = knob(1.0, "Without an `accuracy` reward component, a sample is correct when overall >= this")
+    output_dir: str = knob("outputs/eval/${now:%Y-%m-%d_%H-%M-%S}", "Where metrics.json and samples.jsonl are written")
+    cache_dir: str = knob("", "Result cache keyed by a hash of model, dataset and settings; empty = $MCORE_R1_CACHE/eval or ~/.cache/mcore_r1/eval")
+    use_cache: bool = knob(True, "Reuse cached results for the same model, dataset and settings")
+
+
+EVAL_SCHEMAS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig,
+                                 "reward": RewardConfig}
 
 
 SCHEMAS: dict[str, type] = {
