@@ -53,25 +53,26 @@ def run_workers(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
             join=False, start_method="spawn",
         )
         deadline = time.monotonic() + timeout_s
+        death = None
         try:
             while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"distributed workers still running after {timeout_s:.0f}s")
-        except mp.ProcessRaisedException:
-            pass  # the worker's own traceback is read from its result file below
-        except mp.ProcessExitedException as err:
-            raise RuntimeError(f"worker rank {err.error_index} died: {err}") from err
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            death = err  # a worker's own traceback, if it wrote one, is more useful: read below
         finally:
             for proc in ctx.processes:
                 if proc.is_alive():
                     proc.kill()
-        results = []
+        records = {}
         for rank in range(world_size):
             path = Path(out_dir) / f"rank{rank}.pt"
-            if not path.exists():
-                raise RuntimeError(f"worker rank {rank} exited without a result")
-            record = torch.load(path, weights_only=False)
+            if path.exists():
+                records[rank] = torch.load(path, weights_only=False)
+        for rank, record in records.items():
             if not record["ok"]:
                 raise RuntimeError(f"worker rank {rank} failed:\n{record['error']}")
-            results.append(record["result"])
-        return results
+        missing = [rank for rank in range(world_size) if rank not in records]
+        if missing:
+            raise RuntimeError(f"worker rank(s) {missing} exited without a result ({death})")
+        return [records[rank]["result"] for rank in range(world_size)]

@@ -42,8 +42,9 @@ def build_model(
     if family in DENSE_FAMILIES:
         return dense.build_language_model(
             text_arch(hf), layout, dtype, pre_process, post_process, vp_stage)
-    raise NotImplementedError(
-        f"the Megatron builder for {family} (vision-language) is not implemented yet")
+    from mcore_r1.models.qwen_vl import QwenVLModel
+
+    return QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage)
 
 
 def weight_rules(hf: dict[str, Any], tp: int) -> list[Rule]:
@@ -53,7 +54,22 @@ def weight_rules(hf: dict[str, Any], tp: int) -> list[Rule]:
     _, flavour = dense.layer_spec(arch.qk_norm)
     if family in DENSE_FAMILIES:
         return dense.language_rules(arch, tp, flavour)
-    raise NotImplementedError(f"weight rules for {family} are not implemented yet")
+    from mcore_r1.models.qwen_vl import VisionArch, vision_rules
+
+    return (dense.language_rules(arch, tp, flavour, mcore_prefix="language_model.")
+            + vision_rules(VisionArch.from_hf(hf, family), flavour))
+
+
+def layer_tables(model: torch.nn.Module) -> dict[str, dict[int, int]]:
+    """Local -> global layer indices of each layer list the (stage) model holds."""
+    from mcore_r1.models.mapping import local_layer_numbers
+
+    if not hasattr(model, "language_model"):
+        return {"decoder.layers": local_layer_numbers(model)}
+    tables = {"language_model.decoder.layers": local_layer_numbers(model.language_model)}
+    if getattr(model, "vision_model", None) is not None:  # never pipeline-split
+        tables["vision_model.decoder.layers"] = {i: i for i in range(len(model.vision_model.decoder.layers))}
+    return tables
 
 
 def export_skip(hf: dict[str, Any]) -> Callable[[Rule], bool]:
@@ -79,5 +95,6 @@ def load_hf_model(model_dir, layout: dense.ModelLayout, dtype: torch.dtype = tor
     model = build_model(hf, layout, dtype, pre_process=mpu.is_pipeline_first_stage(),
                         post_process=mpu.is_pipeline_last_stage())
     load_hf_weights(model, HFCheckpointReader(model_dir), weight_rules(hf, layout.tp),
-                    tp_rank=mpu.get_tensor_model_parallel_rank(), tp=layout.tp, progress=progress)
+                    tp_rank=mpu.get_tensor_model_parallel_rank(), tp=layout.tp,
+                    layer_prefixes=layer_tables(model), progress=progress)
     return model, hf

@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mcore_r1.models.builder import build_model, export_skip, load_hf_model, weight_rules
+from mcore_r1.models.builder import (
+    build_model, export_skip, layer_tables, load_hf_model, weight_rules,
+)
 from mcore_r1.models.dense import ModelLayout
 from mcore_r1.models.forward import forward_logits
 from mcore_r1.models.hf_checkpoint import write_index, write_shards
@@ -154,7 +156,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
     model, hf = load_mcore_model(mcore_dir, layout)
     staging = _prepare_output(out_dir, overwrite)
     tensors = export_hf_weights(model, weight_rules(hf, layout.tp), _gather_tp,
-                                skip=export_skip(hf))
+                                layer_prefixes=layer_tables(model), skip=export_skip(hf))
     writes = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_data_parallel_rank() == 0
     stage = mpu.get_pipeline_model_parallel_rank()
     if writes:

@@ -89,11 +89,21 @@ def check_pipeline_split(num_layers: int, layout: ModelLayout) -> None:
         )
 
 
+def runtime_flags() -> dict:
+    """TransformerConfig settings that depend on the machine, not on the model."""
+    on_gpu = devmod.cuda_available()
+    return dict(
+        use_cpu_initialization=not on_gpu,
+        # The fused kernels below exist only as CUDA extensions.
+        bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False, persist_layer_norm=on_gpu,
+    )
+
+
 def transformer_config(arch: TextArch, layout: ModelLayout, dtype: torch.dtype, **overrides):
     from megatron.core.transformer import TransformerConfig
 
     check_pipeline_split(arch.num_layers, layout)
-    on_gpu = devmod.cuda_available()
     kwargs = dict(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups,
@@ -107,10 +117,7 @@ def transformer_config(arch: TextArch, layout: ModelLayout, dtype: torch.dtype, 
         num_layers_in_first_pipeline_stage=layout.first_stage_layers,
         num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not on_gpu,
-        # The fused kernels below exist only as CUDA extensions.
-        bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
-        gradient_accumulation_fusion=False, persist_layer_norm=on_gpu,
+        **runtime_flags(),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -142,15 +149,16 @@ def build_language_model(
     """A Megatron GPTModel for this rank's pipeline stage, with HF-exact rotary frequencies."""
     from megatron.core.models.gpt import GPTModel
 
+    if position_embedding_type == "mrope":
+        config_overrides.setdefault("mrope_section", list(arch.rope["mrope_section"]))
     config = transformer_config(arch, layout, dtype, **config_overrides)
     spec, _ = layer_spec(arch.qk_norm)
-    extra = {"mrope_section": arch.rope["mrope_section"]} if position_embedding_type == "mrope" else {}
     model = GPTModel(
         config, spec, vocab_size=padded_vocab_size(arch.vocab_size, layout.tp),
         max_sequence_length=arch.max_positions, pre_process=pre_process,
         post_process=post_process, share_embeddings_and_output_weights=arch.tied,
         position_embedding_type=position_embedding_type,
-        rotary_base=int(arch.rope["rope_theta"]), vp_stage=vp_stage, **extra,
+        rotary_base=int(arch.rope["rope_theta"]), vp_stage=vp_stage,
     )
     rope.install_inv_freq(model, rope.inv_freq(arch.head_dim, arch.rope))
     return model

@@ -13,9 +13,16 @@ from typing import Optional
 import torch
 
 
-def causal_mask(seq_len: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Megatron's boolean attention mask: True marks positions that may NOT be attended."""
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), 1)
+def causal_mask(seq_len: int, device: Optional[torch.device] = None,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Megatron's boolean attention mask: True marks positions that may NOT be attended.
+
+    With `padding_mask` ([batch, seq], 1 = real token) padded keys are masked too.
+    """
+    mask = torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), 1)
+    if padding_mask is not None:
+        mask = mask | ~padding_mask.bool()[:, None, None, :].to(mask.device)
+    return mask
 
 
 def forward_logits(
@@ -24,8 +31,13 @@ def forward_logits(
     vocab_size: int,
     position_ids: Optional[torch.Tensor] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    **model_inputs,
 ) -> Optional[torch.Tensor]:
-    """Logits [batch, seq, vocab_size] on the last pipeline stage; None on the other stages."""
+    """Logits [batch, seq, vocab_size] on the last pipeline stage; None on the other stages.
+
+    `model_inputs` go to the model's forward as they are (e.g. `pixel_values`,
+    `image_grid_thw` for the VL models); `position_ids` may be 3D (mrope).
+    """
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
@@ -38,7 +50,7 @@ def forward_logits(
     captured: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
-        output = model(input_ids, position_ids, attention_mask)
+        output = model(input_ids, position_ids, attention_mask, **model_inputs)
 
         def collect(logits):
             full = gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]

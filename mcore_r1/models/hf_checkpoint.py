@@ -49,9 +49,20 @@ class HFCheckpointReader:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
+    # transformers also writes VL checkpoints with the language model and vision tower nested
+    # under `model.`; the rules use the hub layout, so those names are looked up as aliases.
+    ALIASES = (("model.", "model.language_model."), ("visual.", "model.visual."))
+
+    def resolve(self, name: str) -> str:
+        if name in self.weight_map:
+            return name
+        for prefix, alias in self.ALIASES:
+            if name.startswith(prefix) and alias + name[len(prefix):] in self.weight_map:
+                return alias + name[len(prefix):]
+        raise CheckpointError(f"{self.dir}: tensor {name!r} is not in the checkpoint")
+
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.dir}: tensor {name!r} is not in the checkpoint")
+        name = self.resolve(name)
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(self.dir / file, "pt")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    dirs = {name: ensure_tiny_model(name, root) for name in ("qwen2", "llama3")}
+    dirs = {name: ensure_tiny_model(name, root) for name in ("qwen2", "llama3", "qwen2_vl", "qwen2_5_vl")}
     dirs["odd_vocab"] = _odd_vocab_model(root / "odd_vocab")
     return dirs
 
@@ -95,13 +95,14 @@ def assert_same_checkpoint(a: Path, b: Path):
 
 
 def test_round_trip_tp2_pp2_is_bit_exact(models, tmp_path):
-    names = ("qwen2", "llama3", "odd_vocab")
+    names = ("qwen2", "llama3", "odd_vocab", "qwen2_vl", "qwen2_5_vl")
     run_workers(_to_mcore, 4, 2, 2, [(str(models[n]), str(tmp_path / f"{n}.mcore")) for n in names])
     run_workers(_to_hf, 1, 1, 1, [(str(tmp_path / f"{n}.mcore"), str(tmp_path / f"{n}.hf")) for n in names])
     for name in names:
         assert_same_checkpoint(models[name], tmp_path / f"{name}.hf")
     assert (tmp_path / "qwen2.hf" / "tokenizer.json").is_file()
     assert (tmp_path / "qwen2.hf" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "qwen2_5_vl.hf" / "preprocessor_config.json").is_file()
     # several shards were written (1 MiB budget) and transformers loads the result
     assert len(list((tmp_path / "llama3.hf").glob("model-*-of-*.safetensors"))) > 1
     expected = hf_logits(models["llama3"], tokens())
