@@ -67,6 +67,7 @@ setup(
     description="Reinforcement learning for LLMs and VLMs on Megatron-Core with vLLM rollouts",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["mcore_r1", "mcore_r1.*"]),
+    package_data={"mcore_r1": ["data/prompts/*.jinja"]},
     install_requires=TORCH + CORE + VLLM_CPU_RUNTIME,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mcore-r1=mcore_r1.main:main"]},

@@ -14,13 +14,13 @@ from typing import Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mcore_r1.config.schema import SCHEMAS, Config, field_docs
+from mcore_r1.config.schema import SCHEMAS, Config, EvalConfig, field_docs
 from mcore_r1.config.validate import ConfigError, resolve_model_dir, resolve_model_shape, validate
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 __all__ = [
-    "CONF_DIR", "Config", "ConfigError", "SCHEMAS", "compose", "experiment_names", "field_docs",
+    "CONF_DIR", "Config", "ConfigError", "EvalConfig", "SCHEMAS", "compose", "experiment_names", "field_docs",
     "register_configs", "resolve_model_dir", "resolve_model_shape", "to_config", "validate",
 ]
 
@@ -28,6 +28,7 @@ __all__ = [
 def register_configs() -> None:
     """Register the schema so `conf/config.yaml` can use it as its base (`- base_config`)."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="eval_config", node=EvalConfig)  # conf/eval.yaml's base
 
 
 def experiment_names() -> list[str]:

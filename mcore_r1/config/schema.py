@@ -104,6 +104,7 @@ class DataConfig:
     synthetic: str = knob("counting", "Built-in synthetic task used when train_files is empty: counting (vision) or arithmetic (text)")
     synthetic_train_size: int = knob(512, "Rows in the synthetic train split")
     synthetic_test_size: int = knob(64, "Rows in the synthetic test split")
+    synthetic_seed: int = knob(0, "Seed the synthetic task is generated from (same seed, same files)")
     format: str = knob("easyr1", "Record format: easyr1 (problem/answer/images) or lmm_r1 (OpenAI message list)")
     prompt_key: str = knob("problem", "Column holding the prompt text (easyr1), with one <image> tag per image")
     answer_key: str = knob("answer", "Column holding the reference answer")

@@ -152,6 +152,35 @@ def _value_problems(cfg: Config) -> list[str]:
     return [msg for ok, msg in checks if not ok]
 
 
+def _data_reward_problems(cfg: Config) -> list[str]:
+    """Data formats, synthetic task and reward plumbing (the function itself is probed later)."""
+    from mcore_r1.data.formats import FORMATS
+    from mcore_r1.data.synthetic import TASKS
+
+    d, w = cfg.data, cfg.reward
+    checks = [
+        (d.format in FORMATS, f"data.format={d.format!r} is unknown; known: {', '.join(FORMATS)}"),
+        (bool(d.train_files) or d.synthetic in TASKS,
+         f"data.synthetic={d.synthetic!r} is unknown (data.train_files is empty); known: {', '.join(TASKS)}"),
+        (d.synthetic_train_size >= 1 and d.synthetic_test_size >= 1,
+         f"data.synthetic_train_size={d.synthetic_train_size} and data.synthetic_test_size="
+         f"{d.synthetic_test_size} must be >= 1"),
+        (d.max_prompt_length >= 1, f"data.max_prompt_length={d.max_prompt_length} must be >= 1"),
+        (w.num_workers >= 0, f"reward.num_workers={w.num_workers} must be >= 0 (0 = in-process)"),
+        (w.timeout_s > 0, f"reward.timeout_s={w.timeout_s} must be > 0"),
+        (w.overlong_buffer >= 0, f"reward.overlong_buffer={w.overlong_buffer} must be >= 0 (0 = off)"),
+        (not w.overlong_buffer or w.overlong_buffer < (w.max_response_length or cfg.rollout.max_new_tokens),
+         f"reward.overlong_buffer={w.overlong_buffer} must be smaller than the length limit "
+         f"{w.max_response_length or cfg.rollout.max_new_tokens} (reward.max_response_length, "
+         "else rollout.max_new_tokens)"),
+        (not w.remote_url or w.remote_url.startswith(("http://", "https://")),
+         f"reward.remote_url={w.remote_url!r} must start with http:// or https://"),
+        (w.remote_retries >= 0 and w.remote_batch_size >= 1 and w.remote_timeout_s > 0,
+         "reward.remote_retries must be >= 0, reward.remote_batch_size >= 1 and reward.remote_timeout_s > 0"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
 def _algorithm_problems(cfg: Config) -> list[str]:
     """Names must exist in the `mcore_r1.algos` registries; estimators get the inputs they need."""
     from mcore_r1 import algos
@@ -215,6 +244,7 @@ def validate(cfg: Config) -> ModelShape:
         problems.append(f"model: {err.args[0] if err.args else err}")
     problems.extend(_layout_problems(cfg, shape))
     problems.extend(_value_problems(cfg))
+    problems.extend(_data_reward_problems(cfg))
     problems.extend(_algorithm_problems(cfg))
     if problems:
         raise ConfigError(problems)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -25,7 +23,6 @@ from mcore_r1.models.builder import (
     build_model, export_skip, layer_tables, load_hf_model, weight_rules,
 )
 from mcore_r1.models.dense import ModelLayout
-from mcore_r1.models.forward import forward_logits
 from mcore_r1.models.hf_checkpoint import write_index, write_shards
 from mcore_r1.models.mapping import export_hf_weights
 from mcore_r1.models.registry import read_hf_config
@@ -173,33 +170,3 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
         copy_hf_metadata(mcore_dir / "hf", staging)
     _publish(staging, out_dir)
     return out_dir
-
-
-def verify_against_hf(hf_dir: str | Path, layout: ModelLayout, seed: int = 0, batch: int = 2,
-                      seq: int = 16) -> Optional[float]:
-    """Max |logit difference| between transformers and Megatron at `layout` on random tokens.
-
-    Returns the difference on every rank (broadcast from the last pipeline stage).
-    """
-    hf_dir = Path(hf_dir)
-    model, hf = load_hf_model(hf_dir, layout, torch.float32)
-    vocab = (hf.get("text_config") or hf)["vocab_size"]
-    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    logits = forward_logits(model.eval(), tokens, vocab)
-    diff = torch.tensor([-1.0], dtype=torch.float64)
-    if logits is not None and _is_first_tp_rank():
-        from transformers import AutoModelForCausalLM
-
-        reference = AutoModelForCausalLM.from_pretrained(
-            hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-        with torch.no_grad():
-            expected = reference(tokens).logits
-        diff[0] = (logits - expected).abs().max().item()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
-
-
-def _is_first_tp_rank() -> bool:
-    from megatron.core import parallel_state as mpu
-
-    return mpu.get_tensor_model_parallel_rank() == 0

@@ -1,0 +1,1 @@
+"""Rollout: vLLM engines (`engine`); the colocated wrapper and weight refit arrive later."""
