@@ -36,15 +36,21 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
+    init_weights: bool = True,
 ):
-    """This pipeline stage's Megatron model for the HF config `hf`."""
+    """This pipeline stage's Megatron model for the HF config `hf`.
+
+    `init_weights=False` skips Megatron's random initialisation, for models whose weights are
+    loaded right after (it is most of the build time of a large model).
+    """
     family = family_of(hf)
     if family in DENSE_FAMILIES:
-        return dense.build_language_model(
-            text_arch(hf), layout, dtype, pre_process, post_process, vp_stage)
+        return dense.build_language_model(text_arch(hf), layout, dtype, pre_process, post_process,
+                                          vp_stage, perform_initialization=init_weights)
     from mcore_r1.models.qwen_vl import QwenVLModel
 
-    return QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage)
+    return QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage,
+                       init_weights=init_weights)
 
 
 def weight_rules(hf: dict[str, Any], tp: int) -> list[Rule]:
@@ -93,7 +99,7 @@ def load_hf_model(model_dir, layout: dense.ModelLayout, dtype: torch.dtype = tor
 
     hf = read_hf_config(model_dir)
     model = build_model(hf, layout, dtype, pre_process=mpu.is_pipeline_first_stage(),
-                        post_process=mpu.is_pipeline_last_stage())
+                        post_process=mpu.is_pipeline_last_stage(), init_weights=False)
     load_hf_weights(model, HFCheckpointReader(model_dir), weight_rules(hf, layout.tp),
                     tp_rank=mpu.get_tensor_model_parallel_rank(), tp=layout.tp,
                     layer_prefixes=layer_tables(model), progress=progress)

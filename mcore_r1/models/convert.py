@@ -82,6 +82,20 @@ def _publish(staging: Path, out_dir: Path) -> None:
     dist.barrier()
 
 
+def _progress(desc: str):
+    """A tqdm bar on global rank 0 (other ranks stay quiet); returns (bar, per-item callback)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="tensor", disable=dist.get_rank() != 0, dynamic_ncols=True)
+    return bar, lambda *_: bar.update(1)
+
+
+def _counted(items, bar):
+    for item in items:
+        bar.update(1)
+        yield item
+
+
 def _stage_flags() -> dict:
     from megatron.core import parallel_state as mpu
 
@@ -89,14 +103,16 @@ def _stage_flags() -> dict:
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
-                overwrite: bool = False, progress=None) -> Path:
+                overwrite: bool = False) -> Path:
     """Write the HF checkpoint `hf_dir` as a Megatron distributed checkpoint at `out_dir`."""
     from megatron.core import dist_checkpointing
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
     hf = read_hf_config(hf_dir)
     staging = _prepare_output(out_dir, overwrite)
-    model, _ = load_hf_model(hf_dir, layout, config_dtype(hf), progress=progress)
+    bar, tick = _progress("reading HF weights")
+    model, _ = load_hf_model(hf_dir, layout, config_dtype(hf), progress=tick)
+    bar.close()
     if dist.get_rank() == 0:
         (staging / "model").mkdir()
     dist.barrier()
@@ -127,7 +143,7 @@ def load_mcore_model(mcore_dir: str | Path, layout: ModelLayout):
     mcore_dir = Path(mcore_dir)
     read_meta(mcore_dir)
     hf = read_hf_config(mcore_dir / "hf")
-    model = build_model(hf, layout, config_dtype(hf), **_stage_flags())
+    model = build_model(hf, layout, config_dtype(hf), init_weights=False, **_stage_flags())
     state = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir / "model"))
     model.load_state_dict(state, strict=True)
     return model, hf
@@ -157,7 +173,10 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
     writes = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_data_parallel_rank() == 0
     stage = mpu.get_pipeline_model_parallel_rank()
     if writes:
-        shards = write_shards(tensors, staging, tag=f"pp{stage:03d}", max_shard_bytes=max_shard_bytes)
+        bar, _ = _progress("writing HF weights")
+        shards = write_shards(_counted(tensors, bar), staging, tag=f"pp{stage:03d}",
+                              max_shard_bytes=max_shard_bytes)
+        bar.close()
     else:
         for _ in tensors:  # other TP ranks take part in the all-gathers, then drop the result
             pass

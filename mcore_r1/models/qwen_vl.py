@@ -78,7 +78,7 @@ class VisionArch:
         )
 
 
-def _vision_config(arch: VisionArch, tp: int, dtype: torch.dtype):
+def _vision_config(arch: VisionArch, tp: int, dtype: torch.dtype, init_weights: bool = True):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -88,7 +88,7 @@ def _vision_config(arch: VisionArch, tp: int, dtype: torch.dtype):
         activation_func=ACTIVATIONS[arch.act], add_bias_linear=True, add_qkv_bias=True,
         hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-        **dense.runtime_flags(),
+        perform_initialization=init_weights, **dense.runtime_flags(),
     )
 
 
@@ -148,10 +148,10 @@ class PatchMerger(_module_base()):
 class VisionTower(_module_base()):
     """The Qwen-VL vision encoder built from Megatron-Core layers."""
 
-    def __init__(self, arch: VisionArch, tp: int, dtype: torch.dtype):
+    def __init__(self, arch: VisionArch, tp: int, dtype: torch.dtype, init_weights: bool = True):
         from megatron.core.transformer.transformer_block import TransformerBlock
 
-        config = _vision_config(arch, tp, dtype)
+        config = _vision_config(arch, tp, dtype, init_weights)
         super().__init__(config=config)
         self.arch = arch
         kernel = (arch.temporal_patch, arch.patch, arch.patch)
@@ -199,17 +199,18 @@ class QwenVLModel(_module_base()):
 
     def __init__(self, hf: dict[str, Any], family: str, layout: dense.ModelLayout,
                  dtype: torch.dtype, pre_process: bool, post_process: bool,
-                 vp_stage: Optional[int] = None):
+                 vp_stage: Optional[int] = None, init_weights: bool = True):
         text = dense.TextArch.from_hf(hf, family)
         language_model = dense.build_language_model(
             text, layout, dtype, pre_process, post_process, vp_stage,
-            position_embedding_type="mrope")
+            position_embedding_type="mrope", perform_initialization=init_weights)
         super().__init__(config=language_model.config)
         self.model_type = language_model.model_type  # read by Megatron's schedules
         self.language_model = language_model
         self.pre_process, self.post_process = pre_process, post_process
         self.vision_arch = VisionArch.from_hf(hf, family)
-        self.vision_model = VisionTower(self.vision_arch, layout.tp, dtype) if pre_process else None
+        self.vision_model = (VisionTower(self.vision_arch, layout.tp, dtype, init_weights)
+                             if pre_process else None)
         self.image_token_id = hf["image_token_id"]
 
     def set_input_tensor(self, input_tensor) -> None:

@@ -88,3 +88,16 @@ def test_missing_shard_is_named(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing: model-00002-of-00002.safetensors"):
         HFCheckpointReader(tmp_path)
+
+
+def test_unsupported_architecture_lists_supported():
+    from mcore_r1.models.builder import family_of
+    from mcore_r1.models.registry import UnknownArchitectureError
+
+    with pytest.raises(UnknownArchitectureError) as err:
+        family_of({"architectures": ["MixtralForCausalLM"]}, source="ckpt/config.json")
+    message = str(err.value)
+    assert "ckpt/config.json: unknown model architecture 'MixtralForCausalLM'" in message
+    for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM",
+                 "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
+        assert arch in message

@@ -1,0 +1,92 @@
+"""Conversion benchmark: HF -> Megatron -> HF on a random model of Qwen2.5-0.5B's shape.
+
+Prints the seconds of each direction and their sum as a ratio to a baseline measured in the same
+run: reading every tensor of the same safetensors checkpoint and writing it back out (the bytes
+any converter has to move). The round trip moves those bytes twice (HF -> Megatron, Megatron ->
+HF), so 2x is the floor; the target is at most 3x.
+
+  ./run.sh python bench/convert_bench.py [--dtype bfloat16] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def qwen25_05b_config(dtype: str):
+    import transformers
+
+    return transformers.Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, dtype=dtype,
+    )
+
+
+def make_model(path: Path, dtype: str) -> int:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(qwen25_05b_config(dtype)).to(getattr(torch, dtype))
+    model.save_pretrained(path, max_shard_size="1GB")
+    return sum(p.numel() for p in model.parameters())
+
+
+def baseline_copy(src: Path, dst: Path) -> float:
+    from mcore_r1.models.hf_checkpoint import HFCheckpointReader, iter_tensors, write_index, write_shards
+
+    dst.mkdir()
+    start = time.perf_counter()
+    write_index(dst, write_shards(iter_tensors(HFCheckpointReader(src)), dst, max_shard_bytes=1 << 30))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(29600 + os.getpid() % 1000))):
+        os.environ.setdefault(key, value)
+
+    from mcore_r1.models.convert import hf_to_mcore, mcore_to_hf
+    from mcore_r1.models.dense import ModelLayout
+    from mcore_r1.parallel import ParallelDims
+    from mcore_r1.parallel.runtime import destroy_parallel, initialize_parallel
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mcore_r1_bench_"))
+    try:
+        params = make_model(work / "hf", args.dtype)
+        size = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
+        base = baseline_copy(work / "hf", work / "copy")
+        initialize_parallel(ParallelDims(1))
+        start = time.perf_counter()
+        hf_to_mcore(work / "hf", work / "mcore", ModelLayout())
+        to_mcore = time.perf_counter() - start
+        start = time.perf_counter()
+        mcore_to_hf(work / "mcore", work / "back", ModelLayout(), max_shard_bytes=1 << 30)
+        to_hf = time.perf_counter() - start
+        destroy_parallel()
+        print(f"model: Qwen2.5-0.5B shape, {params / 1e6:.0f}M parameters, {args.dtype}, "
+              f"{size / 2**30:.2f} GiB of safetensors, {torch.get_num_threads()} threads")
+        print(f"baseline read+write of the same bytes: {base:7.2f} s")
+        print(f"HF -> Megatron (TP=1, PP=1):          {to_mcore:7.2f} s  ({to_mcore / base:.2f}x)")
+        print(f"Megatron -> HF:                       {to_hf:7.2f} s  ({to_hf / base:.2f}x)")
+        print(f"round trip:                           {to_mcore + to_hf:7.2f} s  "
+              f"({(to_mcore + to_hf) / base:.2f}x baseline; target <= 3x)")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
