@@ -19,6 +19,6 @@ def test_main_job_runs_smoke_forward(tmp_path):
     lines = dict(l[len("[smoke] "):].split(": ", 1) for l in out.stdout.splitlines()
                  if l.startswith("[smoke] ") and ": " in l)
     assert lines["architecture"] == "Qwen2ForCausalLM"
-    assert lines["logits_shape"].endswith(", 2048)")  # the padded vocabulary
-    assert lines["logits_finite"] == "True"
+    assert float(lines["max_abs_logit_diff_vs_transformers"]) <= 1e-4
+    assert "[smoke] ok" in out.stdout
     assert (tmp_path / "cache" / "tiny_models" / "qwen2" / "config.json").is_file()
