@@ -40,6 +40,12 @@ def make_model(path: Path, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def settle() -> None:
+    """Flush dirty pages before a timed phase, so that no phase pays for an earlier one's
+    writeback (the kernel throttles writers once enough dirty data piles up)."""
+    os.sync()
+
+
 def baseline_copy(src: Path, dst: Path) -> float:
     from mcore_r1.models.hf_checkpoint import HFCheckpointReader, iter_tensors, write_index, write_shards
 
@@ -67,11 +73,14 @@ def main() -> None:
     try:
         params = make_model(work / "hf", args.dtype)
         size = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
+        settle()
         base = baseline_copy(work / "hf", work / "copy")
         initialize_parallel(ParallelDims(1))
+        settle()
         start = time.perf_counter()
         hf_to_mcore(work / "hf", work / "mcore", ModelLayout())
         to_mcore = time.perf_counter() - start
+        settle()
         start = time.perf_counter()
         mcore_to_hf(work / "mcore", work / "back", ModelLayout(), max_shard_bytes=1 << 30)
         to_hf = time.perf_counter() - start

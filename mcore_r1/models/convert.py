@@ -96,6 +96,30 @@ def _counted(items, bar):
         yield item
 
 
+def _sync_save_strategy():
+    """Megatron's torch_dist format, written synchronously in this process.
+
+    Megatron's default strategy is built for asynchronous training checkpoints: it starts a
+    manager process and forks writer processes on every save, seconds of fixed cost that
+    dominate a one-off conversion. The files are the same torch.distributed.checkpoint format,
+    so `dist_checkpointing.load` reads them at any layout.
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    class SyncTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            dcp.save(mtorch.mcore_to_pyt_state_dict(state, False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=mtorch.MCoreSavePlanner(
+                         dedup_replicated_tensors=not self.keep_only_main_replica,
+                         flatten_state_dict=False))
+
+    return SyncTorchDistSave("torch_dist", 1)
+
+
 def _stage_flags() -> dict:
     from megatron.core import parallel_state as mpu
 
@@ -116,7 +140,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
     if dist.get_rank() == 0:
         (staging / "model").mkdir()
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"))
+    dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"),
+                            sharded_strategy=_sync_save_strategy())
     if dist.get_rank() == 0:
         copy_hf_metadata(hf_dir, staging / "hf")
         meta = {"format_version": FORMAT_VERSION, "architecture": hf["architectures"][0],
