@@ -17,6 +17,10 @@ Transforms:
            split of dim 0 then hands each rank whole query groups
   gate_up  gate, up -> `linear_fc1` = [gate; up]; each TP rank holds [gate_r; up_r]
   vocab    embedding / output rows padded with zeros to a size divisible by TP
+
+Each transform can also turn one TP rank's Megatron shard straight into that rank's
+contiguous block of every HF tensor (`to_hf_shard`), the layout tensor-parallel inference
+engines load; `export_hf_shards` uses it so a rank can hand over its weights without gathering.
 """
 
 from __future__ import annotations
@@ -44,10 +48,13 @@ class Transform:
     kind: str
     to_mcore: Callable[[Sequence[torch.Tensor]], torch.Tensor]
     to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+    # (shard, tp_rank, tp) -> this rank's contiguous block of each HF tensor, split along the
+    # rule's TP dimension; None when no such local conversion exists
+    to_hf_shard: Optional[Callable[[torch.Tensor, int, int], list[torch.Tensor]]] = None
 
 
 def copy_transform() -> Transform:
-    return Transform("copy", lambda ts: ts[0], lambda t: [t])
+    return Transform("copy", lambda ts: ts[0], lambda t: [t], lambda t, rank, tp: [t])
 
 
 def qkv_transform(num_heads: int, num_groups: int, head_dim: int) -> Transform:
@@ -69,15 +76,20 @@ def qkv_transform(num_heads: int, num_groups: int, head_dim: int) -> Transform:
         q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
         return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
 
-    return Transform("qkv", to_mcore, to_hf)
+    def to_hf_shard(shard: torch.Tensor, rank: int, tp: int) -> list[torch.Tensor]:
+        # a TP shard holds whole query groups, so it is the same layout with fewer groups
+        return qkv_transform(num_heads // tp, num_groups // tp, head_dim).to_hf(shard)
+
+    return Transform("qkv", to_mcore, to_hf, to_hf_shard)
 
 
 def gate_up_transform() -> Transform:
-    return Transform(
-        "gate_up",
-        lambda ts: torch.cat([ts[0], ts[1]], dim=0),
-        lambda t: [x.contiguous() for x in t.chunk(2, dim=0)],
-    )
+    def to_hf(t: torch.Tensor) -> list[torch.Tensor]:
+        return [x.contiguous() for x in t.chunk(2, dim=0)]
+
+    # a TP shard is [gate_r; up_r] (see Rule.split)
+    return Transform("gate_up", lambda ts: torch.cat([ts[0], ts[1]], dim=0), to_hf,
+                     lambda t, rank, tp: to_hf(t))
 
 
 def vocab_transform(vocab_size: int, padded_size: int) -> Transform:
@@ -88,7 +100,11 @@ def vocab_transform(vocab_size: int, padded_size: int) -> Transform:
         pad = t.new_zeros(padded_size - t.shape[0], *t.shape[1:])
         return torch.cat([t, pad], dim=0)
 
-    return Transform("vocab", to_mcore, lambda t: [t[:vocab_size].contiguous()])
+    def to_hf_shard(shard: torch.Tensor, rank: int, tp: int) -> list[torch.Tensor]:
+        rows = shard.shape[0]  # padding rows sit at the end of the last shards
+        return [shard[:max(0, min(rows, vocab_size - rank * rows))]]
+
+    return Transform("vocab", to_mcore, lambda t: [t[:vocab_size].contiguous()], to_hf_shard)
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,15 @@ class Rule:
             gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
             return torch.cat([*gates, *ups], dim=0)
         return torch.cat(list(shards), dim=self.tp_dim)
+
+    def shard_to_hf(self, shard: torch.Tensor, tp_rank: int, tp: int) -> list[torch.Tensor]:
+        """This TP rank's block of each HF tensor (the whole tensor when replicated)."""
+        if self.tp_dim is None or tp == 1:
+            return self.transform.to_hf(shard)
+        if self.transform.to_hf_shard is None:
+            raise MappingError(f"{self.mcore}: transform {self.transform.kind!r} has no "
+                               "per-shard HF conversion; gather over TP instead")
+        return self.transform.to_hf_shard(shard, tp_rank, tp)
 
 
 @dataclass(frozen=True)
@@ -241,3 +266,21 @@ def export_hf_weights(
         shards = gather_tp(shard) if binding.rule.tp_dim is not None else [shard]
         full = binding.rule.merge(shards)
         yield from zip(binding.hf_names, binding.rule.transform.to_hf(full))
+
+
+def export_hf_shards(
+    model: torch.nn.Module,
+    rules: Sequence[Rule],
+    tp_rank: int,
+    tp: int,
+    layer_prefixes: Optional[dict[str, dict[int, int]]] = None,
+    skip: Callable[[Rule], bool] = lambda rule: False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like `export_hf_weights`, but without communication: (HF name, this TP rank's block of
+    that tensor along the rule's TP dimension; the full tensor for replicated rules)."""
+    state = model.state_dict(keep_vars=True)
+    for binding in bind_rules(model, rules, layer_prefixes):
+        if skip(binding.rule):
+            continue
+        shard = state[binding.local_name].detach()
+        yield from zip(binding.hf_names, binding.rule.shard_to_hf(shard, tp_rank, tp))

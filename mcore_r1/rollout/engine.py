@@ -46,30 +46,49 @@ def configure_cpu_env(kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def build_llm(model_dir: str | Path, *, tp: int, seed: int, max_model_len: int,
+              enforce_eager: bool, kv_cache_gib: float, gpu_memory_utilization: float = 0.5,
+              backend: Optional[str] = None, pixel_limits: Optional[dict] = None,
+              max_images_per_prompt: int = 0, **extra: Any):
+    """The one place a vLLM `LLM` is constructed (evaluation and colocated rollout alike).
+
+    `backend` is vLLM's ``distributed_executor_backend``; by default an in-process ("uni")
+    engine at TP=1 and vLLM's own choice otherwise. The colocated engine passes
+    ``"external_launcher"`` so that vLLM joins the training processes' torch.distributed world.
+    """
+    from mcore_r1.data.images import processor_size
+    from mcore_r1.parallel.device import cuda_available
+
+    configure_cpu_env(kv_cache_gib)
+    from vllm import LLM
+
+    on_gpu = cuda_available()
+    options: dict[str, Any] = dict(
+        model=str(model_dir), tensor_parallel_size=tp, seed=seed,
+        max_model_len=max_model_len, enforce_eager=enforce_eager,
+        distributed_executor_backend=backend or ("uni" if tp == 1 else None),
+        dtype="auto" if on_gpu else "float32",
+    )
+    if on_gpu:
+        options["gpu_memory_utilization"] = gpu_memory_utilization
+    if pixel_limits is not None:  # a vision-language model
+        options["limit_mm_per_prompt"] = {"image": max(1, max_images_per_prompt), "video": 0}
+        options["mm_processor_kwargs"] = processor_size(pixel_limits)  # same as the trainer's
+    options.update(extra)
+    return LLM(**options)
+
+
 class VLLMGenerator:
     """An offline vLLM engine for one checkpoint directory."""
 
     def __init__(self, model_dir: str | Path, rollout_cfg: Any, max_model_len: int,
                  pixel_limits: Optional[dict] = None, max_images_per_prompt: int = 0):
-        from mcore_r1.data.images import processor_size
-        from mcore_r1.parallel.device import cuda_available
-
-        configure_cpu_env(rollout_cfg.cpu_kv_cache_gib)
-        from vllm import LLM
-
-        on_gpu = cuda_available()
-        options: dict[str, Any] = dict(
-            model=str(model_dir), tensor_parallel_size=rollout_cfg.tp, seed=rollout_cfg.seed,
-            max_model_len=max_model_len, enforce_eager=rollout_cfg.enforce_eager,
-            distributed_executor_backend="uni" if rollout_cfg.tp == 1 else None,
-            dtype="auto" if on_gpu else "float32",
+        self.llm = build_llm(
+            model_dir, tp=rollout_cfg.tp, seed=rollout_cfg.seed, max_model_len=max_model_len,
+            enforce_eager=rollout_cfg.enforce_eager, kv_cache_gib=rollout_cfg.cpu_kv_cache_gib,
+            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+            pixel_limits=pixel_limits, max_images_per_prompt=max_images_per_prompt,
         )
-        if on_gpu:
-            options["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
-        if pixel_limits is not None:  # a vision-language model
-            options["limit_mm_per_prompt"] = {"image": max(1, max_images_per_prompt), "video": 0}
-            options["mm_processor_kwargs"] = processor_size(pixel_limits)  # same as the trainer's
-        self.llm = LLM(**options)
 
     def generate(self, prompts: Sequence[Any], n: int, temperature: float, top_p: float = 1.0,
                  top_k: int = -1, max_tokens: int = 128) -> list[PromptResult]:
