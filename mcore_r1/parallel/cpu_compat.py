@@ -10,7 +10,9 @@ CPU-only machine we redirect it instead of forking Megatron:
 * ``torch.cuda.current_device()`` yields the CPU device and stream/synchronise calls become
   no-ops;
 * Megatron's CUDA RNG tracker is replaced by one with the same semantics (named, forkable
-  streams seeded per TP rank) over CPU generator states.
+  streams seeded per TP rank) over CPU generator states;
+* gradient clipping by total norm (which asserts `torch.cuda.FloatTensor` grads) gets a CPU
+  twin with the same arithmetic, installed where Megatron's optimizer looks it up.
 
 The layer is process-global and idempotent, activated by `device.ensure_runtime()` only when
 CUDA is absent; `deactivate()` undoes it (tests). Torch function modes are thread-local: code
@@ -157,6 +159,40 @@ def _install_rng_tracker() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Scale grads in place by max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's
+    rule, including its epsilon), for float32/bfloat16 grads on any device."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for grad in grads:
+            grad.mul_(clip_coeff)
+
+
+_CLIP_MODULES = ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer")
+
+
+def _install_clip() -> None:
+    import importlib
+
+    saved = {}
+    for name in _CLIP_MODULES:
+        module = importlib.import_module(name)
+        saved[name] = module.clip_grad_by_total_norm_fp32
+        module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    _state["saved"]["clip"] = saved
+
+
+def _restore_clip() -> None:
+    import importlib
+
+    for name, original in _state["saved"].get("clip", {}).items():
+        importlib.import_module(name).clip_grad_by_total_norm_fp32 = original
+
+
 def is_active() -> bool:
     return _state["active"]
 
@@ -171,6 +207,7 @@ def activate() -> None:
         for name, replacement in _cuda_patches().items():
             setattr(torch.cuda, name, replacement)
         _install_rng_tracker()
+        _install_clip()
         mode = CudaToCpuMode()
         mode.__enter__()
         _state["mode"] = mode
@@ -190,6 +227,7 @@ def deactivate() -> None:
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = _state[
             "saved"
         ]["rng_tracker"]
+        _restore_clip()
         _state.update(active=False, mode=None, saved={})
 
 

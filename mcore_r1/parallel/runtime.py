@@ -87,7 +87,8 @@ def initialize_parallel(dims: ParallelDims, seed: int = 1234, timeout_minutes: i
         context_parallel_size=dims.cp,
         expert_model_parallel_size=dims.ep,
         distributed_timeout_minutes=timeout_minutes,
-        create_gloo_process_groups=devmod.cuda_available(),
+        # Megatron's optimizer asks for its gloo DP groups by name, on CPU too.
+        create_gloo_process_groups=True,
     )
     seed_everything(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
