@@ -5,7 +5,11 @@ run: reading every tensor of the same safetensors checkpoint and writing it back
 any converter has to move). The round trip moves those bytes twice (HF -> Megatron, Megatron ->
 HF), so 2x is the floor; the target is at most 3x.
 
-  ./run.sh python bench/convert_bench.py [--dtype bfloat16] [--workdir DIR]
+Write speed on a VM depends on page-cache state (the same write was seen to take 0.5 s or 1.8 s
+by order alone), so baseline and conversion alternate for `--repeats` rounds, each phase starts
+after a flush, and medians are reported.
+
+  ./run.sh python bench/convert_bench.py [--dtype bfloat16] [--repeats 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
     args = parser.parse_args()
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29600 + os.getpid() % 1000))):
@@ -73,23 +79,32 @@ def main() -> None:
     try:
         params = make_model(work / "hf", args.dtype)
         size = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
-        settle()
-        base = baseline_copy(work / "hf", work / "copy")
         initialize_parallel(ParallelDims(1))
-        settle()
-        start = time.perf_counter()
-        hf_to_mcore(work / "hf", work / "mcore", ModelLayout())
-        to_mcore = time.perf_counter() - start
-        settle()
-        start = time.perf_counter()
-        mcore_to_hf(work / "mcore", work / "back", ModelLayout(), max_shard_bytes=1 << 30)
-        to_hf = time.perf_counter() - start
+        rounds = {"base": [], "to_mcore": [], "to_hf": []}
+        for i in range(args.repeats):
+            for sub in ("copy", "mcore", "back"):
+                shutil.rmtree(work / sub, ignore_errors=True)
+            settle()
+            rounds["base"].append(baseline_copy(work / "hf", work / "copy"))
+            settle()
+            start = time.perf_counter()
+            hf_to_mcore(work / "hf", work / "mcore", ModelLayout())
+            rounds["to_mcore"].append(time.perf_counter() - start)
+            settle()
+            start = time.perf_counter()
+            mcore_to_hf(work / "mcore", work / "back", ModelLayout(), max_shard_bytes=1 << 30)
+            rounds["to_hf"].append(time.perf_counter() - start)
         destroy_parallel()
+        base, to_mcore, to_hf = (statistics.median(rounds[k]) for k in ("base", "to_mcore", "to_hf"))
         print(f"model: Qwen2.5-0.5B shape, {params / 1e6:.0f}M parameters, {args.dtype}, "
-              f"{size / 2**30:.2f} GiB of safetensors, {torch.get_num_threads()} threads")
-        print(f"baseline read+write of the same bytes: {base:7.2f} s")
-        print(f"HF -> Megatron (TP=1, PP=1):          {to_mcore:7.2f} s  ({to_mcore / base:.2f}x)")
-        print(f"Megatron -> HF:                       {to_hf:7.2f} s  ({to_hf / base:.2f}x)")
+              f"{size / 2**30:.2f} GiB of safetensors, {torch.get_num_threads()} threads, "
+              f"median of {args.repeats} alternating rounds")
+        print(f"baseline read+write of the same bytes: {base:7.2f} s  (rounds: "
+              + ", ".join(f"{x:.2f}" for x in rounds["base"]) + ")")
+        for label, key, value in (("HF -> Megatron (TP=1, PP=1):", "to_mcore", to_mcore),
+                                  ("Megatron -> HF:", "to_hf", to_hf)):
+            print(f"{label:37s} {value:7.2f} s  ({value / base:.2f}x; rounds: "
+                  + ", ".join(f"{x:.2f}" for x in rounds[key]) + ")")
         print(f"round trip:                           {to_mcore + to_hf:7.2f} s  "
               f"({(to_mcore + to_hf) / base:.2f}x baseline; target <= 3x)")
     finally:
