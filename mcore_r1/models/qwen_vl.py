@@ -217,7 +217,7 @@ class QwenVLModel(_module_base()):
         self.language_model.set_input_tensor(input_tensor)
 
     def forward(self, input_ids, position_ids, attention_mask, pixel_values=None,
-                image_grid_thw=None, labels=None):
+                image_grid_thw=None, labels=None, packed_seq_params=None):
         decoder_input = None
         if self.pre_process:
             embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)
@@ -225,8 +225,11 @@ class QwenVLModel(_module_base()):
                 images = self.vision_model(pixel_values, image_grid_thw)
                 embeds = scatter_image_features(embeds, input_ids, images, self.image_token_id)
             decoder_input = embeds
+        # packed_seq_params (TE "thd" packing on GPU) concerns the language model only: the
+        # vision tower already separates images with its own block-diagonal masks.
         return self.language_model(input_ids, position_ids, attention_mask,
-                                   decoder_input=decoder_input, labels=labels)
+                                   decoder_input=decoder_input, labels=labels,
+                                   packed_seq_params=packed_seq_params)
 
 
 def scatter_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, images: torch.Tensor,
