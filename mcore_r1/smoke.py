@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from mcore_r1.config.schema import Config
-from mcore_r1.config.validate import resolve_model_dir
+from mcore_r1.config.validate import ensure_model_dir
 from mcore_r1.models.registry import ModelShape
 
 BANNER = (
@@ -24,17 +23,6 @@ BANNER = (
 TOLERANCE = 1e-4
 
 
-def prepare_model_dir(cfg: Config) -> Path:
-    """Return the checkpoint directory, building the offline tiny model if it is missing."""
-    model_dir = resolve_model_dir(cfg.model)
-    if cfg.model.tiny and not cfg.model.path and not (model_dir / "config.json").is_file():
-        from mcore_r1.models.tiny import ensure_tiny_model
-
-        print(f"[smoke] building tiny model {cfg.model.tiny!r} at {model_dir}", flush=True)
-        ensure_tiny_model(cfg.model.tiny, model_dir.parent)
-    return model_dir
-
-
 def run_smoke_job(cfg: Config, shape: ModelShape) -> dict:
     from mcore_r1.models.dense import ModelLayout
     from mcore_r1.models.parity import max_logit_diff
@@ -42,7 +30,7 @@ def run_smoke_job(cfg: Config, shape: ModelShape) -> dict:
     from mcore_r1.parallel.runtime import destroy_parallel, initialize_parallel
 
     print(BANNER, flush=True)
-    model_dir = prepare_model_dir(cfg)
+    model_dir = ensure_model_dir(cfg.model)
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))

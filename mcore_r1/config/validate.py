@@ -39,6 +39,16 @@ def resolve_model_dir(model: ModelConfig) -> Path:
     raise ConfigError(["model.path is empty and model.tiny is not set: name a checkpoint directory"])
 
 
+def ensure_model_dir(model: ModelConfig) -> Path:
+    """`resolve_model_dir`, building the offline tiny model there first when it is missing."""
+    model_dir = resolve_model_dir(model)
+    if model.tiny and not model.path and not (model_dir / "config.json").is_file():
+        from mcore_r1.models.tiny import ensure_tiny_model
+
+        ensure_tiny_model(model.tiny, model_dir.parent)
+    return model_dir
+
+
 def resolve_model_shape(model: ModelConfig) -> ModelShape:
     """Read the shape from config.json, or from the tiny model's spec before it is built."""
     model_dir = resolve_model_dir(model)

@@ -46,13 +46,9 @@ CONVERTER = Path(__file__).resolve().parents[2] / "tools" / "convert_hf_mcore.py
 def prepare_model_dir(model_cfg: Any, cache_root: Path) -> Path:
     """The HF checkpoint to evaluate: the given one, the tiny model (built if missing), or an
     mcore_r1 Megatron checkpoint converted to HF once and kept under `cache_root`."""
-    from mcore_r1.config.validate import resolve_model_dir
+    from mcore_r1.config.validate import ensure_model_dir
 
-    model_dir = resolve_model_dir(model_cfg)
-    if model_cfg.tiny and not model_cfg.path and not (model_dir / "config.json").is_file():
-        from mcore_r1.models.tiny import ensure_tiny_model
-
-        ensure_tiny_model(model_cfg.tiny, model_dir.parent)
+    model_dir = ensure_model_dir(model_cfg)
     if (model_dir / "config.json").is_file():
         return model_dir
     if (model_dir / MCORE_META).is_file():

@@ -20,6 +20,7 @@ from mcore_r1.models import rope
 from mcore_r1.models.mapping import (
     Rule, copy_transform, gate_up_transform, padded_vocab_size, qkv_transform, vocab_transform,
 )
+from mcore_r1.models.registry import text_config
 from mcore_r1.parallel import device as devmod
 
 
@@ -43,7 +44,7 @@ class TextArch:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], family: str) -> "TextArch":
-        text = hf.get("text_config") or hf
+        text = text_config(hf)
         heads = text["num_attention_heads"]
         return cls(
             num_layers=text["num_hidden_layers"],

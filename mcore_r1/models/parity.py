@@ -15,11 +15,12 @@ import torch.distributed as dist
 from mcore_r1.models.builder import VL_FAMILIES, family_of, load_hf_model
 from mcore_r1.models.dense import ModelLayout
 from mcore_r1.models.forward import causal_mask, forward_logits
+from mcore_r1.models.registry import text_config
 
 
 def random_inputs(model_dir: Path, hf: dict, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    text = hf.get("text_config") or hf
+    text = text_config(hf)
     if family_of(hf) not in VL_FAMILIES:
         ids = torch.randint(0, text["vocab_size"], (2, 16), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -50,7 +51,7 @@ def megatron_logits(model: torch.nn.Module, hf: dict, inputs: dict):
     from megatron.core import parallel_state as mpu
 
     ids, pad = inputs["input_ids"], inputs["attention_mask"]
-    text = hf.get("text_config") or hf
+    text = text_config(hf)
     positions, extra = None, {}
     if family_of(hf) in VL_FAMILIES:
         from mcore_r1.models.mrope import mrope_position_ids

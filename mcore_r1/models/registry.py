@@ -55,6 +55,11 @@ def check_architecture(architecture: str, source: str = "model") -> str:
     return architecture
 
 
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of an HF config (nested under `text_config` in VL configs)."""
+    return hf.get("text_config") or hf
+
+
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -73,7 +78,7 @@ def shape_from_hf_config(
     if arch is None:
         raise UnknownArchitectureError(f"{source}: no `architectures` entry and no override given")
     check_architecture(arch, source)
-    text = hf.get("text_config") or hf
+    text = text_config(hf)
     vision = hf.get("vision_config")
 
     def need(d: dict, key: str, where: str):

@@ -45,24 +45,15 @@ def seed_everything(seed: int) -> None:
 
     The data-parallel stream gets `seed` on every rank; the tensor-parallel stream gets
     `seed + 2718 + tp_rank` (Megatron's convention), so sharded dropout differs per TP rank.
+    On CPU the streams live in the compatibility layer's tracker, which Megatron's own seeding
+    function fills like its CUDA one.
     """
-    from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import random as mrandom
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if devmod.cuda_available():
-        mrandom.model_parallel_cuda_manual_seed(seed)
-        return
-    tracker = mrandom.get_cuda_rng_tracker()
-    tracker.reset()
-    tp_rank = mpu.get_tensor_model_parallel_rank()
-    ep_rank = mpu.get_expert_model_parallel_rank()
-    etp_rank = mpu.get_expert_tensor_parallel_rank()
-    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
-    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+    mrandom.model_parallel_cuda_manual_seed(seed)
 
 
 def initialize_parallel(dims: ParallelDims, seed: int = 1234, timeout_minutes: int = 10):

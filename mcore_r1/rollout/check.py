@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from mcore_r1.models.registry import text_config
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,7 +90,7 @@ def run_check(model_dir: str, train_tp: int, train_pp: int, rollout_tp: int, ref
     world = int(os.environ.get("WORLD_SIZE", "1"))
     initialize_parallel(ParallelDims(world, tp=train_tp, pp=train_pp))
     model, hf = load_hf_model(model_dir, ModelLayout(tp=train_tp, pp=train_pp))
-    vocab = (hf.get("text_config") or hf)["vocab_size"]
+    vocab = text_config(hf)["vocab_size"]
     engine = ColocatedEngine(model_dir, rollout_tp=rollout_tp, max_model_len=512)
     src = RefitSource.from_megatron(model, hf, tp=train_tp)
     processed = None

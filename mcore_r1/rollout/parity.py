@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mcore_r1.models.forward import causal_mask, forward_logits
+from mcore_r1.models.registry import text_config
 from mcore_r1.rollout.colocated import RolloutResult, SamplingOptions
 
 
@@ -70,7 +71,7 @@ def megatron_logprobs(model: torch.nn.Module, hf: dict,
 
     from mcore_r1.models.builder import VL_FAMILIES, family_of
 
-    vocab_size = (hf.get("text_config") or hf)["vocab_size"]
+    vocab_size = text_config(hf)["vocab_size"]
     longest = max(len(p) + len(r) for p, r in sequences)
     ids = torch.zeros(len(sequences), longest, dtype=torch.long)
     pad = torch.zeros_like(ids)

@@ -145,9 +145,6 @@ def sharded_run(rank: int, world_size: int, ref: dict, tp: int, pp: int, tied: b
         forward_step_func=forward_step, data_iterator=batches, model=[model],
         num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=1, forward_only=False,
     )
-    if tied and pp == 1 and tp > 1:
-        pass  # embedding and output layer are the same Parameter: its grad already has both terms
-
     diffs = {}
     if mpu.is_pipeline_last_stage():
         logits = torch.cat(captured_logits, dim=0)

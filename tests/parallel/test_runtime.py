@@ -11,8 +11,14 @@ def _group_sizes(rank, world_size, tp, pp):
 
     from mcore_r1.parallel.runtime import initialize_parallel
 
+    import torch
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     pgs = initialize_parallel(ParallelDims(world_size, tp=tp, pp=pp), seed=5)
+    with get_cuda_rng_tracker().fork():  # Megatron's tensor-parallel dropout stream
+        drawn = torch.rand(4)
     return {
+        "tp_stream": drawn,
         "tp": pgs.tp.size(), "pp": pgs.pp.size(), "dp": pgs.dp.size(),
         "tp_rank": mpu.get_tensor_model_parallel_rank(),
         "pp_rank": mpu.get_pipeline_model_parallel_rank(),
@@ -33,6 +39,12 @@ def test_group_sizes_and_ranks_tp2():
     results = run_workers(_group_sizes, 2, 2, 1)
     assert [r["tp_rank"] for r in results] == [0, 1]
     assert all((r["tp"], r["pp"], r["dp"]) == (2, 1, 1) for r in results)
+    import torch
+
+    # Megatron's convention: TP rank r draws from seed + 2718 + r
+    for r in results:
+        expected = torch.rand(4, generator=torch.Generator().manual_seed(5 + 2718 + r["tp_rank"]))
+        assert torch.equal(r["tp_stream"], expected)
 
 
 def test_world_size_mismatch_is_named():
