@@ -2,9 +2,8 @@
 
 Hydra composes `conf/` on top of the dataclass schema; `--cfg job` prints the composed config
 without running anything. The config is validated before anything heavy starts; an impossible
-setting exits with status 2 and a message that shows the arithmetic.
-
-Until the RL trainer lands (issue #8) the job run here is the smoke job (`mcore_r1.smoke`).
+setting (or a layout the Ray cluster cannot place) exits with status 2 and a message that shows
+the arithmetic. Then `mcore_r1.trainer.loop.run_training` runs the RL loop.
 """
 
 from __future__ import annotations
@@ -25,9 +24,15 @@ def _run(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"mcore_r1: {err}", file=sys.stderr)
         sys.exit(2)
-    from mcore_r1.smoke import run_smoke_job
+    from mcore_r1.trainer.loop import run_training
+    from mcore_r1.trainer.placement import PlacementError
 
-    run_smoke_job(config, shape)
+    try:
+        run_dir = run_training(config)
+    except PlacementError as err:
+        print(f"mcore_r1: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"mcore_r1: done; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
 
 
 def main() -> None:

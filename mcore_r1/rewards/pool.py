@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import time
+import traceback
 from collections import Counter, deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -55,7 +56,19 @@ def _worker_main(conn: Connection, spec: str, kwargs: dict) -> None:
         try:
             conn.send(("ok", task_id, call(rf, samples, kwargs)))
         except Exception as err:
-            conn.send(("error", task_id, f"{type(err).__name__}: {err}"))
+            # The whole traceback: the user needs the line of their reward that failed.
+            conn.send(("error", task_id, traceback.format_exc().rstrip()))
+
+
+def describe_sample(index: int, sample: dict, limit: int = 300) -> str:
+    """A one-line, truncated view of a sample for error reports."""
+    def cut(text: Any) -> str:
+        text = str(text)
+        return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+    return (f"#{index}: response={cut(sample.get('response', ''))!r} "
+            f"ground_truth={cut(sample.get('ground_truth', ''))!r} "
+            f"prompt={cut(sample.get('prompt', ''))!r}")
 
 
 @dataclass
@@ -81,6 +94,7 @@ class ScoringPool:
         self._ctx = mp.get_context("spawn")
         self._local = load_reward_function(spec) if num_workers == 0 else None
         self._start_failures = 0
+        self._samples: list[dict] = []
         self._workers = [self._spawn() for _ in range(num_workers)]
 
     def _spawn(self) -> _Worker:
@@ -101,6 +115,7 @@ class ScoringPool:
         """One result dict per sample, in order; failures get ``{"overall": fallback}``."""
         if self._local is not None:
             return call(self._local, samples, self.kwargs)
+        self._samples = samples  # for failure reports
         results: list[Optional[dict]] = [None] * len(samples)
         chunk = -(-len(samples) // len(self._workers)) if self.batched else 1
         task_items = dict(enumerate(list(range(i, min(i + chunk, len(samples))))
@@ -166,8 +181,9 @@ class ScoringPool:
             return
         items = task_items[w.task]
         self.counters[counter] += len(items)
-        log.warning("reward scoring failed (%s) for %d sample(s): %s; using fallback score %s",
-                    counter, len(items), why, self.fallback)
+        log.warning("reward scoring failed (%s) for %d sample(s); using fallback score %s\n"
+                    "failing sample %s\n%s", counter, len(items), self.fallback,
+                    describe_sample(items[0], self._samples[items[0]]), why)
         for i in items:
             results[i] = {"overall": self.fallback}
         w.task = None

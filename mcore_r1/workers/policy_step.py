@@ -1,7 +1,8 @@
 """One policy-gradient accumulation pass: forward, per-token log-probs, loss, backward.
 
 `policy_loss_step` takes a mini-batch (samples plus the rollout's right-padded `B x T`
-response matrices: old log-probs, advantages, loss mask, optionally reference log-probs),
+response matrices: old log-probs, advantages, loss mask, optionally reference log-probs and
+truncated importance weights),
 cuts it into token-budget micro-batches, and runs them through Megatron's schedule with
 `forward_only=False`, so gradients accumulate in the parameters (`.grad`, or `main_grad`
 under Megatron DDP) at any TP/PP. The optimizer step is the caller's.
@@ -88,8 +89,8 @@ def check_inputs(samples: Sequence[Sample], **matrices) -> None:
 def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_size: int,
                      max_tokens: int, *, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                      response_mask: torch.Tensor, ref_log_probs: Optional[torch.Tensor] = None,
-                     cfg: Optional[LossConfig] = None, packed: bool = True,
-                     normaliser: Optional[LossNormaliser] = None, dp_group=None,
+                     is_weights: Optional[torch.Tensor] = None, cfg: Optional[LossConfig] = None,
+                     packed: bool = True, normaliser: Optional[LossNormaliser] = None, dp_group=None,
                      grad_scale: float = 1.0, fmt: Optional[str] = None,
                      model_inputs: Optional[Callable] = None) -> Optional[StepResult]:
     """Accumulate the gradients of the mini-batch's actor loss; see the module docstring.
@@ -102,7 +103,7 @@ def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_si
 
     cfg = cfg or LossConfig()
     check_inputs(samples, old_log_probs=old_log_probs, advantages=advantages,
-                 response_mask=response_mask, ref_log_probs=ref_log_probs)
+                 response_mask=response_mask, ref_log_probs=ref_log_probs, is_weights=is_weights)
     if cfg.kl_coef and ref_log_probs is None:
         raise ValueError("kl_coef > 0 needs ref_log_probs")
     if normaliser is None:
@@ -116,7 +117,7 @@ def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_si
                                              pad_to_multiple=row_multiple(model))
     loss_fn = _micro_batch_loss(plan, samples, vocab_size, cfg, normaliser, grad_scale,
                                 dict(old=old_log_probs, adv=advantages, mask=response_mask,
-                                     ref=ref_log_probs), len(micro_batches))
+                                     ref=ref_log_probs, w=is_weights), len(micro_batches))
     model.train()
     reports = run_schedule(model, micro_batches, loss_fn, forward_only=False, model_inputs=model_inputs)
     if not mpu.is_pipeline_last_stage():
@@ -144,11 +145,13 @@ def _micro_batch_loss(plan, samples, vocab_size, cfg: LossConfig, normaliser, gr
         out = policy_fn(logp, rows["old"], rows["adv"], mask, **cfg.loss_kwargs)
         entropy = _stack(mb.split_response(ent_tok), width) if need_entropy else None
         kl = kl_penalty(logp, rows["ref"], cfg.kl_estimator, mask) if cfg.kl_coef else None
-        mat = actor_loss_matrix(out.loss_mat, mask, entropy=entropy, entropy_coeff=cfg.entropy_coeff,
-                                kl=kl, kl_coef=cfg.kl_coef)
+        mat = actor_loss_matrix(out.loss_mat, mask, is_weights=rows["w"], entropy=entropy,
+                                entropy_coeff=cfg.entropy_coeff, kl=kl, kl_coef=cfg.kl_coef)
         loss = aggregate_loss(mat, mask, cfg.agg_mode, normaliser=normaliser, norm_len=cfg.norm_len)
         report = {"loss": loss.detach().clone(), "tokens": float(mask.sum())}
         report.update({k: float(v) for k, v in out.metrics.items()})
+        if kl is not None:
+            report["kl"] = float(kl.detach().masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1))
         return loss * (schedule_undo * grad_scale), report
 
     return loss_fn

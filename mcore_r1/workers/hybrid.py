@@ -1,0 +1,256 @@
+"""The hybrid worker: one training process holding its actor shard, reference and vLLM shard.
+
+One `HybridWorker` runs per device (a GPU, or a CPU rank), as a Ray actor placed by
+`mcore_r1.trainer.placement`. All workers together form one torch.distributed world with
+Megatron's TP/PP/CP/DP groups; inside each process live
+
+* the actor: this rank's Megatron-Core stage, wrapped in Megatron's DDP, with Megatron's
+  optimizer (distributed optimizer on GPU, the plain one on CPU) and its LR scheduler;
+* the reference: the same layout, frozen, for the KL term (only when `kl_coef > 0`);
+* the rollout engine: a colocated vLLM shard (`ColocatedEngine`), refitted in place from the
+  actor after every update.
+
+The driver owns the loop and the data; every method here is a collective step that all workers
+run together (the driver calls them in parallel and waits). Methods return results only from
+the ranks that hold them (the last pipeline stage, TP rank 0), `None` elsewhere, and say which
+data-parallel rank they speak for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence as Seq
+
+import torch
+
+from mcore_r1.config.schema import Config
+from mcore_r1.workers.sequences import Sequence
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    dp_rank: int
+    dp_size: int
+    replica: int       # rollout replica this rank belongs to
+    num_replicas: int
+    reports: bool      # last PP stage, TP rank 0, CP rank 0: returns per-sample results
+    rollout_leader: bool  # first rank of its rollout replica: returns generations
+
+
+def training_dtype(name: str) -> torch.dtype:
+    from mcore_r1.parallel.device import default_dtype_name
+
+    name = default_dtype_name() if name == "auto" else name
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class HybridWorker:
+    def __init__(self, cfg: Config, model_dir: str, env: dict[str, str], threads: int = 1):
+        os.environ.update(env)
+        torch.set_num_threads(max(1, threads))
+        self.cfg, self.model_dir = cfg, model_dir
+        self.samples: list = []
+
+    # -- bring-up ---------------------------------------------------------------------------
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port (asked of rank 0 for torch.distributed)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def set_rendezvous(self, addr: str, port: int) -> None:
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+
+    def setup(self, total_updates: int, max_images_per_prompt: int) -> RankInfo:
+        from megatron.core import parallel_state as mpu
+
+        from mcore_r1.data.dataset import load_processor
+        from mcore_r1.models.builder import load_hf_model
+        from mcore_r1.models.dense import ModelLayout
+        from mcore_r1.models.registry import text_config
+        from mcore_r1.parallel import ParallelDims
+        from mcore_r1.parallel.runtime import initialize_parallel
+        from mcore_r1.workers.sequences import SampleBuilder
+
+        cfg = self.cfg
+        p, t = cfg.parallel, cfg.trainer
+        world = int(os.environ["WORLD_SIZE"])
+        initialize_parallel(ParallelDims(world, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep), seed=t.seed)
+        layout = ModelLayout(tp=p.tp, pp=p.pp)
+        dtype = training_dtype(cfg.model.dtype)
+        model, self.hf = load_hf_model(self.model_dir, layout, dtype)
+        self.vocab = text_config(self.hf)["vocab_size"]
+        frozen = self._freeze_vision(model)
+        self.actor, self.optimizer, self.scheduler = build_optimizer(model, cfg, dtype, total_updates)
+        self.ref = None
+        if cfg.algorithm.kl_coef > 0:
+            self.ref, _ = load_hf_model(self.model_dir, layout, dtype)
+            self.ref.eval().requires_grad_(False)
+        processor = load_processor(self.model_dir, cfg.data)
+        self.builder = SampleBuilder(self.hf, processor)
+        self.engine = self._build_engine(max_images_per_prompt)
+        from mcore_r1.rollout.refit import RefitSource
+
+        self.refit_source = RefitSource.from_megatron(model, self.hf, tp=p.tp, frozen=frozen)
+        self.info = RankInfo(
+            rank=int(os.environ["RANK"]), dp_rank=mpu.get_data_parallel_rank(),
+            dp_size=mpu.get_data_parallel_world_size(), replica=self.engine.replica,
+            num_replicas=self.engine.num_replicas,
+            reports=(mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0
+                     and mpu.get_context_parallel_rank() == 0),
+            rollout_leader=int(os.environ["RANK"]) % cfg.rollout.tp == 0)
+        return self.info
+
+    def _freeze_vision(self, model: torch.nn.Module) -> tuple[str, ...]:
+        vision = getattr(model, "vision_model", None)
+        if vision is None or not self.cfg.model.freeze_vision_tower:
+            return ()
+        vision.requires_grad_(False)
+        return ("vision_model.",)  # never resent to vLLM: it cannot change
+
+    def _build_engine(self, max_images_per_prompt: int):
+        from mcore_r1.data.dataset import is_multimodal_dir
+        from mcore_r1.data.images import pixel_limits
+        from mcore_r1.rollout.colocated import ColocatedEngine
+
+        r, d = self.cfg.rollout, self.cfg.data
+        vl = is_multimodal_dir(self.model_dir)
+        replica = int(os.environ["RANK"]) // r.tp
+        return ColocatedEngine(
+            self.model_dir, rollout_tp=r.tp, max_model_len=d.max_prompt_length + r.max_new_tokens,
+            # replicas draw different random streams; ranks of one replica must agree
+            seed=r.seed + replica, kv_cache_gib=r.cpu_kv_cache_gib, enforce_eager=r.enforce_eager,
+            pixel_limits=pixel_limits(d.min_pixels, d.max_pixels) if vl else None,
+            max_images_per_prompt=max_images_per_prompt if vl else 0,
+            gpu_memory_utilization=r.gpu_memory_utilization)
+
+    # -- rollout ----------------------------------------------------------------------------
+
+    def generate(self, prompts: list[dict], options) -> Optional[list]:
+        """This replica's prompts (every rank of a replica gets the same list)."""
+        self.engine.wake_up()
+        try:
+            results = self.engine.generate(prompts, options) if prompts else []
+        finally:
+            self.engine.sleep()
+        return results if self.info.rollout_leader else None
+
+    def refit(self) -> Optional[dict]:
+        from mcore_r1.rollout.refit import refit
+
+        self.engine.wake_up()
+        try:
+            metrics = refit(self.engine, self.refit_source)
+        finally:
+            self.engine.sleep()
+        return metrics.as_dict() if self.info.rank == 0 else None
+
+    # -- training ---------------------------------------------------------------------------
+
+    def set_batch(self, sequences: Seq[Sequence]) -> int:
+        """This DP rank's sequences of the step; later calls index into them."""
+        self.samples = self.builder.build(sequences)
+        return len(self.samples)
+
+    def log_probs(self, which: str, with_entropy: bool = False) -> Optional[dict]:
+        """Per-token log-probs of every sequence of `set_batch` under `actor` or `ref`."""
+        from mcore_r1.workers.logprobs import compute_logprobs
+
+        model = {"actor": self.actor, "ref": self.ref}[which]
+        if model is None:
+            raise RuntimeError(f"log_probs({which!r}): this run has no {which} model")
+        # Same temperature as the loss: log-probs of the distribution the rollout sampled from.
+        out = compute_logprobs(model, self.samples, self.vocab, self.cfg.trainer.micro_batch_tokens,
+                               temperature=self.cfg.rollout.temperature or 1.0,
+                               with_entropy=with_entropy)
+        if not self.info.reports:
+            return None
+        logp, ent = out if with_entropy else (out, None)
+        return {"dp_rank": self.info.dp_rank, "logp": logp, "entropy": ent}
+
+    def train_mini_batch(self, rows: list[int], matrices: dict[str, torch.Tensor]) -> Optional[dict]:
+        """One optimizer update on this DP rank's share `rows` of a mini-batch."""
+        from mcore_r1.workers.policy_step import policy_loss_step
+
+        start = time.perf_counter()
+        self.actor.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        result = policy_loss_step(
+            self.actor, [self.samples[i] for i in rows], self.vocab,
+            self.cfg.trainer.micro_batch_tokens, old_log_probs=matrices["old_log_probs"],
+            advantages=matrices["advantages"], response_mask=matrices["response_mask"],
+            ref_log_probs=matrices.get("ref_log_probs"), is_weights=matrices.get("is_weights"),
+            cfg=loss_config(self.cfg), grad_scale=float(self.info.dp_size))
+        ok, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(increment=1)
+        if not self.info.reports:
+            return None
+        metrics = {"actor/loss": result.loss, "actor/grad_norm": float(grad_norm or 0.0),
+                   "actor/lr": lr, "actor/update_skipped": float(not ok),
+                   "actor/micro_batches": float(result.num_micro_batches),
+                   "actor/update_seconds": time.perf_counter() - start}
+        metrics.update({f"actor/{k}": v for k, v in result.metrics.items()})
+        return metrics
+
+    def close(self) -> None:
+        from mcore_r1.parallel.runtime import destroy_parallel
+
+        # vLLM tears down its groups on shutdown: close it while torch.distributed is up.
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+            self.engine = None
+        destroy_parallel()
+
+
+def loss_config(cfg: Config):
+    from mcore_r1 import algos
+    from mcore_r1.workers.policy_step import LossConfig
+
+    a = cfg.algorithm
+    return LossConfig(
+        policy_loss=a.policy_loss, loss_kwargs=algos.policy_loss_kwargs(a), agg_mode=a.loss_agg_mode,
+        norm_len=algos.seq_norm_len(a, cfg.rollout.max_new_tokens), entropy_coeff=a.entropy_coeff,
+        kl_coef=a.kl_coef if a.use_kl_loss else 0.0, kl_estimator=a.kl_estimator,
+        temperature=cfg.rollout.temperature or 1.0)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, total_updates: int):
+    """Megatron DDP + optimizer + LR scheduler for `model` (this rank's actor stage)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from mcore_r1.parallel.device import cuda_available
+
+    t = cfg.trainer
+    on_gpu = cuda_available()
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                    use_distributed_optimizer=on_gpu), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                        clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16,
+                        fp16=dtype == torch.float16, params_dtype=dtype,
+                        use_distributed_optimizer=on_gpu), [ddp])
+    # Megatron's schedule all-reduces DP gradients (and tied embeddings over PP) through these.
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss
+    steps = max(1, total_updates)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if t.lr_warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=min(t.lr_warmup_steps, steps - 1), lr_decay_steps=steps,
+        lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=steps, wd_incr_style="constant")
+    return ddp, optimizer, scheduler
