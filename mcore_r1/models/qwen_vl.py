@@ -217,13 +217,14 @@ class QwenVLModel(_module_base()):
         self.language_model.set_input_tensor(input_tensor)
 
     def forward(self, input_ids, position_ids, attention_mask, pixel_values=None,
-                image_grid_thw=None, labels=None, packed_seq_params=None):
+                image_grid_thw=None, labels=None, packed_seq_params=None, image_mask=None):
         decoder_input = None
         if self.pre_process:
             embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)
             if pixel_values is not None:
                 images = self.vision_model(pixel_values, image_grid_thw)
-                embeds = scatter_image_features(embeds, input_ids, images, self.image_token_id)
+                embeds = scatter_image_features(embeds, input_ids, images, self.image_token_id,
+                                                image_mask)
             decoder_input = embeds
         # packed_seq_params (TE "thd" packing on GPU) concerns the language model only: the
         # vision tower already separates images with its own block-diagonal masks.
@@ -233,9 +234,13 @@ class QwenVLModel(_module_base()):
 
 
 def scatter_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, images: torch.Tensor,
-                           image_token_id: int) -> torch.Tensor:
-    """Put image features, in order, at the image-pad tokens (batch-major, like transformers)."""
-    mask = input_ids == image_token_id
+                           image_token_id: int, image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Put image features, in order, at the image-pad tokens (batch-major, like transformers).
+
+    `image_mask` (same shape as `input_ids`) restricts that to the prompts' placeholders, so an
+    image-pad id the model generated stays a text token, as in vLLM.
+    """
+    mask = input_ids == image_token_id if image_mask is None else image_mask
     if int(mask.sum()) != images.shape[0]:
         raise ValueError(
             f"image features and image tokens do not match: {int(mask.sum())} image-pad tokens vs "

@@ -57,6 +57,8 @@ def start_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    # vLLM's per-request INFO lines would bury the step lines; VLLM_LOGGING_LEVEL=INFO restores them.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env = {"env_vars": {k: v for k, v in os.environ.items()
                         if k.startswith(("MCORE_R1_", "VLLM_", "HF_", "TRANSFORMERS_"))}}
     if address:

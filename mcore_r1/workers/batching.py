@@ -66,6 +66,10 @@ class Sample:
     position_ids: Optional[torch.Tensor] = None
     pixel_values: Optional[torch.Tensor] = None
     image_grid_thw: Optional[torch.Tensor] = None
+    # [L] bool: where image features go. Needed when a response contains image-pad token ids
+    # (random models emit them): vLLM embeds generated tokens as text, so only the prompt's
+    # placeholders take features. None = every image-pad token (prompt-only sequences).
+    image_mask: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.input_ids.dim() != 1:
@@ -219,7 +223,7 @@ def pack(samples: Sequence[Sample], fmt: Optional[str] = None, pad_to_multiple: 
         params = thd_params(lengths, device)
     mb = MicroBatch(input_ids, position_ids, _next_token_labels(input_ids), mask, params, spans,
                     packed=True, vision=_vision(samples))
-    return _to(mb, device)
+    return _to(_add_image_mask(mb), device)
 
 
 def _pad_positions(like: torch.Tensor, n: int) -> torch.Tensor:
@@ -272,7 +276,7 @@ def pad(samples: Sequence[Sample], pad_id: int = 0, device: Optional[torch.devic
     spans = [(b, 0, s) for b, s in enumerate(samples)]
     mb = MicroBatch(input_ids, position_ids, _next_token_labels(input_ids), mask, None, spans,
                     vision=_vision(samples))
-    return _to(mb, device)
+    return _to(_add_image_mask(mb), device)
 
 
 def _vision(samples: Sequence[Sample]) -> dict:
@@ -282,6 +286,18 @@ def _vision(samples: Sequence[Sample]) -> dict:
         return {}
     return {"pixel_values": torch.cat([s.pixel_values for s in with_images]),
             "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images])}
+
+
+def _add_image_mask(mb: MicroBatch) -> MicroBatch:
+    """Lay the samples' `image_mask`s out like `input_ids` (only when some sample has one)."""
+    if "pixel_values" not in mb.vision or all(s.image_mask is None for _, _, s in mb.spans):
+        return mb
+    mask = torch.zeros_like(mb.input_ids, dtype=torch.bool)
+    for row, start, s in mb.spans:
+        if s.image_mask is not None:
+            mask[row, start:start + s.length] = s.image_mask
+    mb.vision["image_mask"] = mask
+    return mb
 
 
 def _to(mb: MicroBatch, device: Optional[torch.device]) -> MicroBatch:

@@ -57,7 +57,14 @@ class SampleBuilder:
             if key not in cache:
                 cache[key] = self._vision(seq.images)
             pixels, grid = cache[key]
+            n_prompt = len(seq.prompt_ids)
+            image_token = self.hf["image_token_id"]
             merge = self.hf["vision_config"]["spatial_merge_size"]
-            pos = mrope_position_ids(ids[None], grid, self.hf["image_token_id"], merge)[:, 0]
-            samples.append(Sample(ids, len(seq.prompt_ids), pos, pixels, grid))
+            # Positions from the prompt's placeholders only; the response continues as text on
+            # all three axes (vLLM's decode positions), whatever ids it holds.
+            prompt_pos = mrope_position_ids(ids[None, :n_prompt], grid, image_token, merge)[:, 0]
+            tail = prompt_pos.max() + 1 + torch.arange(len(seq.response_ids))
+            pos = torch.cat([prompt_pos, tail.expand(3, -1)], dim=1)
+            image_mask = (ids == image_token) & (torch.arange(len(ids)) < n_prompt)
+            samples.append(Sample(ids, n_prompt, pos, pixels, grid, image_mask))
         return samples
