@@ -39,6 +39,7 @@ class Trainer:
         self.dp = infos[0].dp_size
         a = cfg.algorithm
         self.use_ref = a.kl_coef > 0
+        self.use_critic = a.use_critic
         self.kl_ctrl = algos.make_kl_controller(a.kl_ctrl, a.kl_coef, a.kl_target, a.kl_horizon)
 
     def draw(self) -> tuple[list, list[int]]:
@@ -59,9 +60,12 @@ class Trainer:
                                                      for i in self.infos])
                 old, entropy = self.log_probs("actor", batch, plan, with_entropy=True)
                 ref = self.log_probs("ref", batch, plan)[0] if self.use_ref else None
+                values = self.per_response("values", "values", batch, plan) if self.use_critic else None
             with timer("advantage"):
-                data, _, adv_metrics = compute_advantages(self.cfg, batch, old, ref, self.kl_ctrl,
-                                                          baselines)
+                data, returns, adv_metrics = compute_advantages(self.cfg, batch, old, ref, self.kl_ctrl,
+                                                                baselines, values)
+                if self.use_critic:
+                    data.update(values=values, returns=returns)
             with timer("update"):
                 update_metrics = self.update(plan, data)
             with timer("refit"):
@@ -78,6 +82,9 @@ class Trainer:
         logp = batch.matrix(gather_by_dp(results, plan, len(batch), "logp"))
         entropy = batch.matrix(gather_by_dp(results, plan, len(batch), "entropy")) if with_entropy else None
         return logp, entropy
+
+    def per_response(self, method: str, key: str, batch: RolloutBatch, plan: BatchPlan) -> torch.Tensor:
+        return batch.matrix(gather_by_dp(self.workers.call(method), plan, len(batch), key))
 
     def update(self, plan: BatchPlan, data: dict) -> dict:
         """`algorithm.ppo_epochs` passes over the mini-batches; one optimizer step each."""

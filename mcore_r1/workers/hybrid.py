@@ -7,6 +7,7 @@ Megatron's TP/PP/CP/DP groups; inside each process live
 * the actor: this rank's Megatron-Core stage, wrapped in Megatron's DDP, with Megatron's
   optimizer (distributed optimizer on GPU, the plain one on CPU) and its LR scheduler;
 * the reference: the same layout, frozen, for the KL term (only when `kl_coef > 0`);
+* the critic (PPO/GAE only): the actor's checkpoint with a value head (`workers.critic`);
 * the rollout engine: a colocated vLLM shard (`ColocatedEngine`), refitted in place from the
   actor after every update.
 
@@ -91,6 +92,13 @@ class HybridWorker:
         self.vocab = text_config(self.hf)["vocab_size"]
         frozen = self._freeze_vision(model)
         self.actor, self.optimizer, self.scheduler = build_optimizer(model, cfg, dtype, total_updates)
+        self.critic = None
+        if cfg.algorithm.use_critic:
+            from mcore_r1.workers.critic import attach_value_head
+
+            critic, _ = load_hf_model(self.model_dir, layout, dtype)
+            self.critic, self.critic_optimizer, self.critic_scheduler = build_optimizer(
+                attach_value_head(critic), cfg, dtype, total_updates, lr=cfg.algorithm.critic_lr)
         self.ref = None
         if cfg.algorithm.kl_coef > 0:
             self.ref, _ = load_hf_model(self.model_dir, layout, dtype)
@@ -177,10 +185,19 @@ class HybridWorker:
         logp, ent = out if with_entropy else (out, None)
         return {"dp_rank": self.info.dp_rank, "logp": logp, "entropy": ent}
 
+    def values(self) -> Optional[dict]:
+        """The critic's value of every response token of `set_batch`."""
+        from mcore_r1.workers.critic import compute_values
+
+        values = compute_values(self.critic, self.samples, self.cfg.trainer.micro_batch_tokens)
+        return {"dp_rank": self.info.dp_rank, "values": values} if self.info.reports else None
+
     def train_mini_batch(self, rows: list[int], matrices: dict[str, torch.Tensor]) -> Optional[dict]:
-        """One optimizer update on this DP rank's share `rows` of a mini-batch."""
+        """One optimizer update on this DP rank's share `rows` of a mini-batch (and one of the
+        critic when `matrices` carries returns)."""
         from mcore_r1.workers.policy_step import policy_loss_step
 
+        metrics = self._train_critic(rows, matrices) if "returns" in matrices else {}
         start = time.perf_counter()
         self.actor.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -195,12 +212,32 @@ class HybridWorker:
         self.scheduler.step(increment=1)
         if not self.info.reports:
             return None
-        metrics = {"actor/loss": result.loss, "actor/grad_norm": float(grad_norm or 0.0),
+        metrics.update({"actor/loss": result.loss, "actor/grad_norm": float(grad_norm or 0.0),
                    "actor/lr": lr, "actor/update_skipped": float(not ok),
                    "actor/micro_batches": float(result.num_micro_batches),
-                   "actor/update_seconds": time.perf_counter() - start}
+                   "actor/update_seconds": time.perf_counter() - start})
         metrics.update({f"actor/{k}": v for k, v in result.metrics.items()})
         return metrics
+
+    def _train_critic(self, rows: list[int], matrices: dict[str, torch.Tensor]) -> dict:
+        from mcore_r1 import algos
+        from mcore_r1.workers.critic import value_loss_step
+
+        a = self.cfg.algorithm
+        self.critic.zero_grad_buffer()
+        self.critic_optimizer.zero_grad()
+        result = value_loss_step(
+            self.critic, [self.samples[i] for i in rows], self.cfg.trainer.micro_batch_tokens,
+            returns=matrices["returns"], old_values=matrices["values"],
+            response_mask=matrices["response_mask"], clip=algos.value_clip(a),
+            agg_mode=a.loss_agg_mode, norm_len=algos.seq_norm_len(a, self.cfg.rollout.max_new_tokens),
+            grad_scale=float(self.info.dp_size))
+        _, grad_norm, _ = self.critic_optimizer.step()
+        self.critic_scheduler.step(increment=1)
+        if result is None:
+            return {}
+        return {"critic/loss": result.loss, "critic/grad_norm": float(grad_norm or 0.0),
+                **{f"critic/{k}": v for k, v in result.metrics.items()}}
 
     def close(self) -> None:
         from mcore_r1.parallel.runtime import destroy_parallel
@@ -224,8 +261,10 @@ def loss_config(cfg: Config):
         temperature=cfg.rollout.temperature or 1.0)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, total_updates: int):
-    """Megatron DDP + optimizer + LR scheduler for `model` (this rank's actor stage)."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, total_updates: int,
+                    lr: Optional[float] = None):
+    """Megatron DDP + optimizer + LR scheduler for `model` (this rank's actor or critic stage);
+    `lr` overrides trainer.lr (the critic's own rate); warmup and decay follow trainer.*."""
     from megatron.core.distributed import (
         DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
     )
@@ -235,12 +274,13 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, tot
     from mcore_r1.parallel.device import cuda_available
 
     t = cfg.trainer
+    lr = t.lr if lr is None else lr
     on_gpu = cuda_available()
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                     use_distributed_optimizer=on_gpu), model)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        OptimizerConfig(optimizer="adam", lr=lr, min_lr=min(t.min_lr, lr), weight_decay=t.weight_decay,
                         clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16,
                         fp16=dtype == torch.float16, params_dtype=dtype,
                         use_distributed_optimizer=on_gpu), [ddp])
@@ -249,7 +289,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, tot
     model.config.grad_scale_func = optimizer.scale_loss
     steps = max(1, total_updates)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.lr_warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        optimizer, init_lr=0.0 if t.lr_warmup_steps else lr, max_lr=lr, min_lr=min(t.min_lr, lr),
         lr_warmup_steps=min(t.lr_warmup_steps, steps - 1), lr_decay_steps=steps,
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant")

@@ -59,7 +59,7 @@ class StepResult:
     num_micro_batches: int
 
 
-def _rows(matrix: Optional[torch.Tensor], indices: Sequence[int], lengths: Sequence[int],
+def take_rows(matrix: Optional[torch.Tensor], indices: Sequence[int], lengths: Sequence[int],
           width: int, device=None) -> Optional[torch.Tensor]:
     """Rows `indices` of a right-padded `B x T` matrix, cut/zero-padded to `width` columns."""
     if matrix is None:
@@ -70,7 +70,7 @@ def _rows(matrix: Optional[torch.Tensor], indices: Sequence[int], lengths: Seque
     return out
 
 
-def _stack(values: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+def stack_rows(values: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     """Right-pad differentiable 1-D tensors into `[len, width]` (padding 0, never read)."""
     return torch.stack([torch.nn.functional.pad(v, (0, width - v.numel())) for v in values])
 
@@ -108,7 +108,7 @@ def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_si
         raise ValueError("kl_coef > 0 needs ref_log_probs")
     if normaliser is None:
         # Count only columns inside each response: the matrix may be wider than a row's response.
-        normaliser = LossNormaliser.of(_rows(response_mask, range(len(samples)),
+        normaliser = LossNormaliser.of(take_rows(response_mask, range(len(samples)),
                                              [s.response_len for s in samples],
                                              response_mask.shape[1]))
         # Megatron's DP group by default: TP/PP ranks of one replica see the same samples.
@@ -122,7 +122,7 @@ def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_si
     reports = run_schedule(model, micro_batches, loss_fn, forward_only=False, model_inputs=model_inputs)
     if not mpu.is_pipeline_last_stage():
         return None
-    return _summarise(reports, len(micro_batches))
+    return summarise(reports, len(micro_batches))
 
 
 def _micro_batch_loss(plan, samples, vocab_size, cfg: LossConfig, normaliser, grad_scale,
@@ -139,11 +139,11 @@ def _micro_batch_loss(plan, samples, vocab_size, cfg: LossConfig, normaliser, gr
         width = max(lengths)
         need_entropy = bool(cfg.entropy_coeff)
         logp_tok, ent_tok = token_logprobs(logits, mb.labels, vocab_size, cfg.temperature, need_entropy)
-        logp = _stack(mb.split_response(logp_tok), width)
-        rows = {k: _rows(v, indices, lengths, width, logits.device) for k, v in inputs.items()}
+        logp = stack_rows(mb.split_response(logp_tok), width)
+        rows = {k: take_rows(v, indices, lengths, width, logits.device) for k, v in inputs.items()}
         mask = rows["mask"].bool()
         out = policy_fn(logp, rows["old"], rows["adv"], mask, **cfg.loss_kwargs)
-        entropy = _stack(mb.split_response(ent_tok), width) if need_entropy else None
+        entropy = stack_rows(mb.split_response(ent_tok), width) if need_entropy else None
         kl = kl_penalty(logp, rows["ref"], cfg.kl_estimator, mask) if cfg.kl_coef else None
         mat = actor_loss_matrix(out.loss_mat, mask, is_weights=rows["w"], entropy=entropy,
                                 entropy_coeff=cfg.entropy_coeff, kl=kl, kl_coef=cfg.kl_coef)
@@ -157,7 +157,7 @@ def _micro_batch_loss(plan, samples, vocab_size, cfg: LossConfig, normaliser, gr
     return loss_fn
 
 
-def _summarise(reports: list[dict], n: int) -> StepResult:
+def summarise(reports: list[dict], n: int) -> StepResult:
     """Sum the losses; token-weight the per-micro-batch metric means."""
     total = float(sum(r["loss"] for r in reports))
     tokens = sum(r["tokens"] for r in reports)
