@@ -96,7 +96,7 @@ def test_world_not_divisible():
 
 
 def test_layers_not_divisible_by_pp():
-    cfg = load("parallel.pp=3", "trainer.devices_per_node=3", "trainer.mini_batch_size=32")
+    cfg = load("parallel.tp=1", "parallel.pp=3", "trainer.devices_per_node=3", "trainer.mini_batch_size=32")
     with pytest.raises(ConfigError, match=r"4 layers are not divisible by PP=3 \(4 % 3 = 1\)"):
         validate(cfg)
 
@@ -107,7 +107,8 @@ def test_batch_arithmetic():
         validate(cfg)
     assert ("data.prompts_per_step x rollout.n = 6 x 5 = 30 is not divisible into "
             "trainer.mini_batch_size=8 (30 % 8 = 6)") in str(err.value)
-    cfg = load("trainer.devices_per_node=4", "trainer.mini_batch_size=2", "data.prompts_per_step=4")
+    cfg = load("parallel.tp=1", "trainer.devices_per_node=4", "trainer.mini_batch_size=2",
+               "data.prompts_per_step=4")
     with pytest.raises(ConfigError, match="mini_batch_size=2 is not divisible by the data-parallel size 4"):
         validate(cfg)
 
