@@ -31,6 +31,7 @@ def knob(default: Any, doc: str, **kwargs: Any) -> Any:
 class ModelConfig:
     path: str = knob("", "Hugging Face checkpoint directory (config.json, weights, tokenizer); empty = the tiny model's cache directory")
     tiny: Optional[str] = knob(None, "Offline tiny model built on first use when `path` is empty: qwen2, qwen3, llama3, qwen2_vl, qwen2_5_vl")
+    warm_start: Optional[str] = knob(None, "Tiny models only: first teach the answer format (not the answers) of this synthetic task, counting or arithmetic, by a short SFT with random answers")
     architecture: Optional[str] = knob(None, "Override of the HF `architectures[0]`; normally read from config.json")
     dtype: str = knob("auto", "Training dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     freeze_vision_tower: bool = knob(False, "Keep the vision tower's weights fixed (VL models)")

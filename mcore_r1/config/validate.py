@@ -35,7 +35,8 @@ def resolve_model_dir(model: ModelConfig) -> Path:
     if model.tiny:
         from mcore_r1.models.tiny import default_tiny_root
 
-        return default_tiny_root() / model.tiny
+        suffix = f"-warm-{model.warm_start}" if model.warm_start else ""
+        return default_tiny_root() / f"{model.tiny}{suffix}"
     raise ConfigError(["model.path is empty and model.tiny is not set: name a checkpoint directory"])
 
 
@@ -43,6 +44,10 @@ def ensure_model_dir(model: ModelConfig) -> Path:
     """`resolve_model_dir`, building the offline tiny model there first when it is missing."""
     model_dir = resolve_model_dir(model)
     if model.tiny and not model.path and not (model_dir / "config.json").is_file():
+        if model.warm_start:
+            from mcore_r1.models.warmstart import ensure_warm_model
+
+            return ensure_warm_model(model.tiny, model.warm_start, model_dir.parent)
         from mcore_r1.models.tiny import ensure_tiny_model
 
         ensure_tiny_model(model.tiny, model_dir.parent)
@@ -185,6 +190,10 @@ def _data_reward_problems(cfg: Config) -> list[str]:
          "else rollout.max_new_tokens)"),
         (not w.remote_url or w.remote_url.startswith(("http://", "https://")),
          f"reward.remote_url={w.remote_url!r} must start with http:// or https://"),
+        (not cfg.model.warm_start or (bool(cfg.model.tiny) and not cfg.model.path
+                                      and cfg.model.warm_start in TASKS),
+         f"model.warm_start={cfg.model.warm_start!r} needs a tiny model (model.tiny, no model.path) "
+         f"and a synthetic task: {', '.join(TASKS)}"),
         (w.remote_retries >= 0 and w.remote_batch_size >= 1 and w.remote_timeout_s > 0,
          "reward.remote_retries must be >= 0, reward.remote_batch_size >= 1 and reward.remote_timeout_s > 0"),
     ]
