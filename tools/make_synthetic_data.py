@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mcore_r1.data.synthetic import TASKS, write_synthetic
+from mcore_r1.data.synthetic import MAX_DISTRACTORS, MAX_OPERAND, MAX_TARGETS, TASKS, Difficulty, write_synthetic
 
 
 def main(argv=None) -> int:
@@ -24,8 +24,13 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=512, help="train split size")
     parser.add_argument("--test", type=int, default=64, help="test split size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-count", type=int, default=MAX_TARGETS, help="counting: most target shapes")
+    parser.add_argument("--max-distractors", type=int, default=MAX_DISTRACTORS,
+                        help="counting: most shapes of other colours")
+    parser.add_argument("--max-operand", type=int, default=MAX_OPERAND, help="arithmetic: largest + / - operand")
     args = parser.parse_args(argv)
-    out = write_synthetic(args.task, args.out, args.train, args.test, args.seed)
+    level = Difficulty(args.max_count, args.max_distractors, args.max_operand)
+    out = write_synthetic(args.task, args.out, args.train, args.test, args.seed, level)
     print(f"{args.task}: wrote {args.train} train + {args.test} test rows to {out}")
     return 0
 

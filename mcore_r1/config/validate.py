@@ -173,7 +173,15 @@ def _data_reward_problems(cfg: Config) -> list[str]:
     from mcore_r1.data.synthetic import TASKS
 
     d, w = cfg.data, cfg.reward
+    try:
+        from mcore_r1.data.synthetic import Difficulty
+
+        Difficulty(d.synthetic_max_count, d.synthetic_max_distractors, d.synthetic_max_operand)
+        level_problem = None
+    except ValueError as err:
+        level_problem = f"data.synthetic_max_*: {err}"
     checks = [
+        (level_problem is None, str(level_problem)),
         (d.format in FORMATS, f"data.format={d.format!r} is unknown; known: {', '.join(FORMATS)}"),
         (bool(d.train_files) or d.synthetic in TASKS,
          f"data.synthetic={d.synthetic!r} is unknown (data.train_files is empty); known: {', '.join(TASKS)}"),

@@ -91,15 +91,17 @@ def tokenize_prompt(processor: Any, prompt: str, images: list[Image.Image]) -> l
 
 def resolve_source(data_cfg: Any, split: str) -> str:
     """The data spec for `split` (train / test): the configured files or the synthetic cache."""
-    from mcore_r1.data.synthetic import ensure_synthetic
+    from mcore_r1.data.synthetic import Difficulty, ensure_synthetic
 
     configured = data_cfg.train_files if split == "train" else data_cfg.val_files
     if configured:
         return configured
     if split != "train" and data_cfg.train_files:
         raise ValueError("data.val_files is empty but data.train_files is set: name the evaluation data")
+    level = Difficulty(data_cfg.synthetic_max_count, data_cfg.synthetic_max_distractors,
+                       data_cfg.synthetic_max_operand)
     root = ensure_synthetic(data_cfg.synthetic, data_cfg.synthetic_train_size,
-                            data_cfg.synthetic_test_size, seed=data_cfg.synthetic_seed)
+                            data_cfg.synthetic_test_size, seed=data_cfg.synthetic_seed, level=level)
     return str(root / ("train.jsonl" if split == "train" else "test.jsonl"))
 
 

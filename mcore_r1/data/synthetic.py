@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,35 @@ IMAGE_SIZE = 112          # 112 x 112 = 12544 pixels: inside the default [3136, 
 GRID = 4                  # 4 x 4 cells of 28 px; at most 16 shapes per picture
 MAX_TARGETS = 6
 MAX_DISTRACTORS = 3
+MAX_OPERAND = 99
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the generated items are; the defaults are the standard tasks.
+
+    counting: 1..max_count target shapes plus 0..max_distractors shapes of other colours;
+    arithmetic: operands of + and - up to max_operand (* and / stay within the 12 x 12 table).
+    """
+
+    max_count: int = MAX_TARGETS
+    max_distractors: int = MAX_DISTRACTORS
+    max_operand: int = MAX_OPERAND
+
+    def __post_init__(self):
+        if not 1 <= self.max_count <= GRID * GRID - self.max_distractors or self.max_distractors < 0:
+            raise ValueError(f"counting needs 1 <= max_count and max_count + max_distractors <= "
+                             f"{GRID * GRID} grid cells (got {self.max_count}, {self.max_distractors})")
+        if self.max_operand < 1:
+            raise ValueError(f"max_operand={self.max_operand} must be >= 1")
+
+    def tag(self, task: str) -> str:
+        """Cache-name suffix for non-default settings of `task` (empty for the standard task)."""
+        if task == "counting" and (self.max_count, self.max_distractors) != (MAX_TARGETS, MAX_DISTRACTORS):
+            return f"-max{self.max_count}-distract{self.max_distractors}"
+        if task == "arithmetic" and self.max_operand != MAX_OPERAND:
+            return f"-operand{self.max_operand}"
+        return ""
 # Dark-enough colours on white; "white" itself would be invisible.
 DRAW_COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
                "yellow": (230, 200, 20), "purple": (140, 50, 170), "orange": (245, 140, 20),
@@ -58,13 +88,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
         raise ValueError(f"unknown shape {kind!r}")
 
 
-def counting_example(rng: random.Random) -> tuple[Image.Image, str, int]:
+def counting_example(rng: random.Random, level: Difficulty = Difficulty()) -> tuple[Image.Image, str, int]:
     """(image, question, answer) for one counting item."""
     color, kind = rng.choice(sorted(DRAW_COLORS)), rng.choice(sorted(SHAPES))
-    k = rng.randint(1, MAX_TARGETS)
+    k = rng.randint(1, level.max_count)
     # Distractors never share the target's colour, so colour alone identifies the targets.
     others = [(c, s) for c in sorted(DRAW_COLORS) for s in sorted(SHAPES) if c != color]
-    distractors = [rng.choice(others) for _ in range(rng.randint(0, MAX_DISTRACTORS))]
+    distractors = [rng.choice(others) for _ in range(rng.randint(0, level.max_distractors))]
     cells = rng.sample(range(GRID * GRID), k + len(distractors))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
     draw = ImageDraw.Draw(image)
@@ -75,34 +105,36 @@ def counting_example(rng: random.Random) -> tuple[Image.Image, str, int]:
     return image, f"How many {color} {SHAPES[kind]} are in the image?", k
 
 
-def arithmetic_example(rng: random.Random) -> tuple[str, int]:
+def arithmetic_example(rng: random.Random, level: Difficulty = Difficulty()) -> tuple[str, int]:
     op = rng.choice(("+", "-", "*", "/"))
     if op == "/":
         b = rng.randint(1, 12)
         a = b * rng.randint(0, 12)
         return f"What is {a} / {b}?", a // b
-    a, b = rng.randint(0, 99), rng.randint(0, 99 if op != "*" else 12)
+    top = level.max_operand
+    a, b = rng.randint(0, top), rng.randint(0, top if op != "*" else min(top, 12))
     return f"What is {a} {op} {b}?", {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
-def _split_rows(task: str, split: str, size: int, seed: int, out_dir: Path) -> list[dict]:
+def _split_rows(task: str, split: str, size: int, seed: int, out_dir: Path,
+                level: Difficulty) -> list[dict]:
     # A string seed is hashed deterministically (sha512) by random.Random: stable across runs.
     rng = random.Random(f"mcore_r1-{task}-{split}-{seed}")
     rows = []
     for i in range(size):
         if task == "counting":
-            image, question, answer = counting_example(rng)
+            image, question, answer = counting_example(rng, level)
             rel = f"images/{split}_{i:05d}.png"
             image.save(out_dir / rel, format="PNG")
             rows.append({"problem": f"<image>{question}", "answer": str(answer), "images": [rel]})
         else:
-            question, answer = arithmetic_example(rng)
+            question, answer = arithmetic_example(rng, level)
             rows.append({"problem": question, "answer": str(answer)})
     return rows
 
 
 def write_synthetic(task: str, out_dir: str | Path, train_size: int = 512, test_size: int = 64,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, level: Difficulty = Difficulty()) -> Path:
     """Write `task` into `out_dir` (train.jsonl, test.jsonl, images/), replacing it atomically."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
@@ -114,7 +146,7 @@ def write_synthetic(task: str, out_dir: str | Path, train_size: int = 512, test_
     try:
         (tmp / "images").mkdir(parents=True)
         for split, size in (("train", train_size), ("test", test_size)):
-            rows = _split_rows(task, split, size, seed, tmp)
+            rows = _split_rows(task, split, size, seed, tmp, level)
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         if task != "counting":
@@ -142,10 +174,10 @@ def default_synthetic_root() -> Path:
 
 
 def ensure_synthetic(task: str, train_size: int = 512, test_size: int = 64, seed: int = 0,
-                     root: Optional[str | Path] = None) -> Path:
+                     root: Optional[str | Path] = None, level: Difficulty = Difficulty()) -> Path:
     """The cached dataset directory for these settings, built on first use."""
     root = Path(root) if root else default_synthetic_root()
-    out_dir = root / f"{task}-seed{seed}-train{train_size}-test{test_size}"
+    out_dir = root / f"{task}-seed{seed}-train{train_size}-test{test_size}{level.tag(task)}"
     if not (out_dir / "test.jsonl").is_file():  # test.jsonl is written last; renames are atomic
-        write_synthetic(task, out_dir, train_size, test_size, seed)
+        write_synthetic(task, out_dir, train_size, test_size, seed, level)
     return out_dir

@@ -114,3 +114,26 @@ def test_data_check_report(tmp_path, monkeypatch, processor, vl_dir):
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>How many") == 2  # one per split
     first = json.loads((tmp_path / "synthetic" / "counting-seed0-train3-test2" / "train.jsonl").read_text().splitlines()[0])
     assert f"answer {first['answer']!r}" in text
+
+
+def test_difficulty_knobs_bound_the_items_and_name_the_cache(tmp_path):
+    import json
+
+    import pytest
+
+    from mcore_r1.data.synthetic import Difficulty
+
+    easy = Difficulty(max_count=4, max_distractors=0, max_operand=9)
+    out = ensure_synthetic("counting", 40, 4, seed=0, root=tmp_path, level=easy)
+    assert out.name == "counting-seed0-train40-test4-max4-distract0"
+    answers = {int(json.loads(l)["answer"]) for l in (out / "train.jsonl").read_text().splitlines()}
+    assert answers == {1, 2, 3, 4}  # 40 draws from 1..4 hit every value
+    arith = ensure_synthetic("arithmetic", 60, 4, seed=0, root=tmp_path, level=easy)
+    assert arith.name.endswith("-operand9")
+    for line in (arith / "train.jsonl").read_text().splitlines():
+        a, op, b = json.loads(line)["problem"][len("What is "):-1].split()
+        if op in "+-":
+            assert int(a) <= 9 and int(b) <= 9
+    assert ensure_synthetic("counting", 40, 4, seed=0, root=tmp_path).name == "counting-seed0-train40-test4"
+    with pytest.raises(ValueError, match="grid cells"):
+        Difficulty(max_count=15, max_distractors=3)
