@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mcore_r1.data.synthetic import MAX_DISTRACTORS, MAX_OPERAND, MAX_TARGETS, TASKS, Difficulty, write_synthetic
+from mcore_r1.data.synthetic import (
+    GRID, MAX_DISTRACTORS, MAX_OPERAND, MAX_TARGETS, TASKS, Difficulty, write_synthetic,
+)
 
 
 def main(argv=None) -> int:
@@ -28,8 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-distractors", type=int, default=MAX_DISTRACTORS,
                         help="counting: most shapes of other colours")
     parser.add_argument("--max-operand", type=int, default=MAX_OPERAND, help="arithmetic: largest + / - operand")
+    parser.add_argument("--grid", type=int, default=GRID, help="counting: grid x grid cells of 28 px")
     args = parser.parse_args(argv)
-    level = Difficulty(args.max_count, args.max_distractors, args.max_operand)
+    level = Difficulty(args.max_count, args.max_distractors, args.max_operand, args.grid)
     out = write_synthetic(args.task, args.out, args.train, args.test, args.seed, level)
     print(f"{args.task}: wrote {args.train} train + {args.test} test rows to {out}")
     return 0

@@ -2,13 +2,17 @@
 
 Writes ``DIR/<name>`` for each requested model (default: all) and prints what it wrote. Models
 already present are kept unless ``--force``. All logic lives in ``mcore_r1.models.tiny``.
+
+``--warm-start TASK`` also writes ``DIR/<name>-warm-TASK`` for each requested model: the same
+model after a short supervised phase that teaches TASK's answer format but not its answers
+(``mcore_r1.models.warmstart``). It is kept if present unless ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from mcore_r1.models import tiny
+from mcore_r1.models import tiny, warmstart
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -18,6 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=list(tiny.TINY_MODEL_NAMES), help="models to build (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
     parser.add_argument("--force", action="store_true", help="rebuild models that already exist")
+    parser.add_argument("--warm-start", metavar="TASK", choices=warmstart.TASKS, default=None,
+                        help="also build <name>-warm-TASK: format-only SFT on synthetic task TASK")
     return parser.parse_args(argv)
 
 
@@ -27,6 +33,21 @@ def main(argv=None) -> None:
     for name, (path, built) in results.items():
         status = f"built (seed {args.seed})" if built else "already present, kept (use --force)"
         print(f"{name}: {status}\n{tiny.describe_checkpoint(path)}")
+    if args.warm_start:
+        import shutil
+        from pathlib import Path
+
+        for name in args.names:
+            if not warmstart.supports(name, args.warm_start):
+                print(f"{name}-warm-{args.warm_start}: skipped (a text model cannot read its prompts)")
+                continue
+            warm_dir = Path(args.out) / f"{name}-warm-{args.warm_start}"
+            if args.force and warm_dir.exists():
+                shutil.rmtree(warm_dir)  # its base was just rebuilt; retrain on top of it
+            existed = tiny.is_complete(warm_dir)
+            path = warmstart.ensure_warm_model(name, args.warm_start, args.out, seed=args.seed)
+            status = "already present, kept (use --force)" if existed else f"warm-started (seed {args.seed})"
+            print(f"{name}-warm-{args.warm_start}: {status}\n{tiny.describe_checkpoint(path)}")
 
 
 if __name__ == "__main__":

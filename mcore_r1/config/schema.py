@@ -108,6 +108,7 @@ class DataConfig:
     synthetic_seed: int = knob(0, "Seed the synthetic task is generated from (same seed, same files)")
     synthetic_max_count: int = knob(6, "counting: 1..N target shapes per picture")
     synthetic_max_distractors: int = knob(3, "counting: 0..N extra shapes of other colours per picture")
+    synthetic_grid: int = knob(4, "counting: the picture is grid x grid cells of 28 px (one vision token each)")
     synthetic_max_operand: int = knob(99, "arithmetic: largest operand of + and - (* and / stay within 12 x 12)")
     format: str = knob("easyr1", "Record format: easyr1 (problem/answer/images) or lmm_r1 (OpenAI message list)")
     prompt_key: str = knob("problem", "Column holding the prompt text (easyr1), with one <image> tag per image")

@@ -176,7 +176,8 @@ def _data_reward_problems(cfg: Config) -> list[str]:
     try:
         from mcore_r1.data.synthetic import Difficulty
 
-        Difficulty(d.synthetic_max_count, d.synthetic_max_distractors, d.synthetic_max_operand)
+        Difficulty(d.synthetic_max_count, d.synthetic_max_distractors, d.synthetic_max_operand,
+                   d.synthetic_grid)
         level_problem = None
     except ValueError as err:
         level_problem = f"data.synthetic_max_*: {err}"

@@ -99,7 +99,7 @@ def resolve_source(data_cfg: Any, split: str) -> str:
     if split != "train" and data_cfg.train_files:
         raise ValueError("data.val_files is empty but data.train_files is set: name the evaluation data")
     level = Difficulty(data_cfg.synthetic_max_count, data_cfg.synthetic_max_distractors,
-                       data_cfg.synthetic_max_operand)
+                       data_cfg.synthetic_max_operand, data_cfg.synthetic_grid)
     root = ensure_synthetic(data_cfg.synthetic, data_cfg.synthetic_train_size,
                             data_cfg.synthetic_test_size, seed=data_cfg.synthetic_seed, level=level)
     return str(root / ("train.jsonl" if split == "train" else "test.jsonl"))

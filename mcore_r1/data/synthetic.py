@@ -32,8 +32,8 @@ from PIL import Image, ImageDraw
 from mcore_r1.models.tiny_tokenizer import COLORS, SHAPES
 
 TASKS = ("counting", "arithmetic")
-IMAGE_SIZE = 112          # 112 x 112 = 12544 pixels: inside the default [3136, 50176] bounds
-GRID = 4                  # 4 x 4 cells of 28 px; at most 16 shapes per picture
+CELL = 28                 # px per grid cell: one merged 2 x 2 patch of 14 px in Qwen-VL
+GRID = 4                  # 4 x 4 cells: 112 x 112 = 12544 px, inside the default [3136, 50176] bounds
 MAX_TARGETS = 6
 MAX_DISTRACTORS = 3
 MAX_OPERAND = 99
@@ -43,25 +43,31 @@ MAX_OPERAND = 99
 class Difficulty:
     """How hard the generated items are; the defaults are the standard tasks.
 
-    counting: 1..max_count target shapes plus 0..max_distractors shapes of other colours;
+    counting: 1..max_count target shapes plus 0..max_distractors shapes of other colours, each in
+    its own cell of a grid x grid picture (28 px cells, so one vision token per cell);
     arithmetic: operands of + and - up to max_operand (* and / stay within the 12 x 12 table).
     """
 
     max_count: int = MAX_TARGETS
     max_distractors: int = MAX_DISTRACTORS
     max_operand: int = MAX_OPERAND
+    grid: int = GRID
 
     def __post_init__(self):
-        if not 1 <= self.max_count <= GRID * GRID - self.max_distractors or self.max_distractors < 0:
+        if self.grid < 2:  # 2 x 2 cells of 28 px = 56 x 56 px, the processor's smallest image
+            raise ValueError(f"grid={self.grid} must be >= 2")
+        cells = self.grid * self.grid
+        if not 1 <= self.max_count <= cells - self.max_distractors or self.max_distractors < 0:
             raise ValueError(f"counting needs 1 <= max_count and max_count + max_distractors <= "
-                             f"{GRID * GRID} grid cells (got {self.max_count}, {self.max_distractors})")
+                             f"{cells} grid cells (got {self.max_count}, {self.max_distractors})")
         if self.max_operand < 1:
             raise ValueError(f"max_operand={self.max_operand} must be >= 1")
 
     def tag(self, task: str) -> str:
         """Cache-name suffix for non-default settings of `task` (empty for the standard task)."""
-        if task == "counting" and (self.max_count, self.max_distractors) != (MAX_TARGETS, MAX_DISTRACTORS):
-            return f"-max{self.max_count}-distract{self.max_distractors}"
+        if task == "counting" and (self.max_count, self.max_distractors, self.grid) != (
+                MAX_TARGETS, MAX_DISTRACTORS, GRID):
+            return f"-max{self.max_count}-distract{self.max_distractors}-grid{self.grid}"
         if task == "arithmetic" and self.max_operand != MAX_OPERAND:
             return f"-operand{self.max_operand}"
         return ""
@@ -95,12 +101,12 @@ def counting_example(rng: random.Random, level: Difficulty = Difficulty()) -> tu
     # Distractors never share the target's colour, so colour alone identifies the targets.
     others = [(c, s) for c in sorted(DRAW_COLORS) for s in sorted(SHAPES) if c != color]
     distractors = [rng.choice(others) for _ in range(rng.randint(0, level.max_distractors))]
-    cells = rng.sample(range(GRID * GRID), k + len(distractors))
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
+    grid, cell = level.grid, CELL
+    cells = rng.sample(range(grid * grid), k + len(distractors))
+    image = Image.new("RGB", (grid * cell, grid * cell), "white")
     draw = ImageDraw.Draw(image)
-    cell = IMAGE_SIZE // GRID
     for (c, s), where in zip([(color, kind)] * k + distractors, cells):
-        x, y = (where % GRID) * cell, (where // GRID) * cell
+        x, y = (where % grid) * cell, (where // grid) * cell
         _draw_shape(draw, s, (x + 4, y + 4, x + cell - 4, y + cell - 4), DRAW_COLORS[c])
     return image, f"How many {color} {SHAPES[kind]} are in the image?", k
 

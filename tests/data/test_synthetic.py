@@ -125,7 +125,7 @@ def test_difficulty_knobs_bound_the_items_and_name_the_cache(tmp_path):
 
     easy = Difficulty(max_count=4, max_distractors=0, max_operand=9)
     out = ensure_synthetic("counting", 40, 4, seed=0, root=tmp_path, level=easy)
-    assert out.name == "counting-seed0-train40-test4-max4-distract0"
+    assert out.name == "counting-seed0-train40-test4-max4-distract0-grid4"
     answers = {int(json.loads(l)["answer"]) for l in (out / "train.jsonl").read_text().splitlines()}
     assert answers == {1, 2, 3, 4}  # 40 draws from 1..4 hit every value
     arith = ensure_synthetic("arithmetic", 60, 4, seed=0, root=tmp_path, level=easy)
