@@ -32,8 +32,9 @@ log = logging.getLogger("mcore_r1.trainer")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, workers, infos, rewards, train_set, val_set, sampler):
+    def __init__(self, cfg: Config, workers, infos, rewards, train_set, val_set, sampler, run_dir: Path):
         self.cfg, self.workers, self.infos, self.rewards = cfg, workers, infos, rewards
+        self.run_dir = run_dir
         self.train_set, self.val_set, self.sampler = train_set, val_set, sampler
         self.rollout = Rollout(workers, infos, rewards, cfg)
         self.dp = infos[0].dp_size
@@ -103,10 +104,12 @@ class Trainer:
                 updates.append(merged)
         return {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
 
-    def validate(self) -> dict:
+    def validate(self, step: int) -> dict:
+        """Metrics on the validation prompts; every generation goes to validation/step_N.jsonl."""
         items = list(self.val_set.items)
         batch = self.rollout.generate_scored(items, list(range(len(items))),
                                              self.rollout.options(validation=True))
+        write_generations(self.run_dir / "validation" / f"step_{step:06d}.jsonl", batch)
         metrics = self.rewards.metrics(batch.rewards, prefix="val/")
         metrics["val/response_length"] = sum(map(len, batch.response_ids)) / len(batch)
         return metrics
@@ -114,15 +117,29 @@ class Trainer:
     def fit(self, logger: MetricsLogger, start_step: int = 0) -> None:
         t = self.cfg.trainer
         if t.val_every:
-            logger.log(start_step, self.validate(), advance=False)
+            logger.log(start_step, self.validate(start_step), advance=False)
         for step in range(start_step + 1, t.total_steps + 1):
             metrics = self.step(step)
             if t.val_every and (step % t.val_every == 0 or step == t.total_steps):
                 timer = PhaseTimer()
                 with timer("validate"):
-                    metrics.update(self.validate())
+                    metrics.update(self.validate(step))
                 metrics.update(timer.metrics())
             logger.log(step, metrics)
+
+
+def write_generations(path: Path, batch: RolloutBatch) -> None:
+    """One JSON line per response (source row, answer, response, rewards), written atomically."""
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for item, text, reward, finish in zip(batch.items, batch.texts, batch.rewards, batch.finish):
+            f.write(json.dumps({"source": item.where, "answer": item.answer, "response": text,
+                                "finish_reason": finish, "rewards": reward}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def response_metrics(batch: RolloutBatch, mask: torch.Tensor, entropy: torch.Tensor) -> dict:
@@ -181,7 +198,7 @@ def run_training(cfg: Config) -> Path:
                                    log_every=cfg.logger.log_every)
             logger.write(f"run directory: {run_dir}\nmodel: {model_dir}\n"
                          + describe_batches(cfg, infos[0].dp_size, infos[0].num_replicas))
-            Trainer(cfg, workers, infos, rewards, train_set, val_set, sampler).fit(logger)
+            Trainer(cfg, workers, infos, rewards, train_set, val_set, sampler, run_dir).fit(logger)
         finally:
             if logger is not None:
                 logger.close()
