@@ -3,9 +3,10 @@
 Writes ``DIR/<name>`` for each requested model (default: all) and prints what it wrote. Models
 already present are kept unless ``--force``. All logic lives in ``mcore_r1.models.tiny``.
 
-``--warm-start TASK`` also writes ``DIR/<name>-warm-TASK`` for each requested model: the same
-model after a short supervised phase that teaches TASK's answer format but not its answers
-(``mcore_r1.models.warmstart``). It is kept if present unless ``--force``.
+``--warm-start TASK`` also writes ``DIR/<name>-warm-TASK-<hash>`` for each requested model: the
+same model after a short supervised phase that teaches TASK's answer format but not its answers
+(``mcore_r1.models.warmstart``), on the shipped data settings of TASK (the hash names them;
+experiments with other settings build their own on first use). Kept if present unless ``--force``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
     parser.add_argument("--force", action="store_true", help="rebuild models that already exist")
     parser.add_argument("--warm-start", metavar="TASK", choices=warmstart.TASKS, default=None,
-                        help="also build <name>-warm-TASK: format-only SFT on synthetic task TASK")
+                        help="also build <name>-warm-TASK-<hash>: format-only SFT on synthetic task TASK")
     return parser.parse_args(argv)
 
 
@@ -41,13 +42,13 @@ def main(argv=None) -> None:
             if not warmstart.supports(name, args.warm_start):
                 print(f"{name}-warm-{args.warm_start}: skipped (a text model cannot read its prompts)")
                 continue
-            warm_dir = Path(args.out) / f"{name}-warm-{args.warm_start}"
+            warm_dir = Path(args.out) / warmstart.warm_model_name(name, args.warm_start)
             if args.force and warm_dir.exists():
                 shutil.rmtree(warm_dir)  # its base was just rebuilt; retrain on top of it
             existed = tiny.is_complete(warm_dir)
             path = warmstart.ensure_warm_model(name, args.warm_start, args.out, seed=args.seed)
             status = "already present, kept (use --force)" if existed else f"warm-started (seed {args.seed})"
-            print(f"{name}-warm-{args.warm_start}: {status}\n{tiny.describe_checkpoint(path)}")
+            print(f"{path.name}: {status}\n{tiny.describe_checkpoint(path)}")
 
 
 if __name__ == "__main__":

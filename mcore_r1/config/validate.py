@@ -7,7 +7,7 @@ arithmetic is the fix). All problems are collected and raised together as one `C
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from mcore_r1.config.schema import Config, ModelConfig
 from mcore_r1.models.registry import (
@@ -28,35 +28,40 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def resolve_model_dir(model: ModelConfig) -> Path:
-    """The checkpoint directory: `model.path`, or the tiny model's cache directory."""
+def resolve_model_dir(model: ModelConfig, data: Optional[Any] = None) -> Path:
+    """The checkpoint directory: `model.path`, or the tiny model's cache directory (a warm-started
+    tiny model's name depends on the data settings it was taught on)."""
     if model.path:
         return Path(model.path).expanduser()
     if model.tiny:
         from mcore_r1.models.tiny import default_tiny_root
 
-        suffix = f"-warm-{model.warm_start}" if model.warm_start else ""
-        return default_tiny_root() / f"{model.tiny}{suffix}"
+        if model.warm_start:
+            from mcore_r1.models.warmstart import warm_model_name
+
+            return default_tiny_root() / warm_model_name(model.tiny, model.warm_start, data)
+        return default_tiny_root() / model.tiny
     raise ConfigError(["model.path is empty and model.tiny is not set: name a checkpoint directory"])
 
 
-def ensure_model_dir(model: ModelConfig) -> Path:
-    """`resolve_model_dir`, building the offline tiny model there first when it is missing."""
-    model_dir = resolve_model_dir(model)
+def ensure_model_dir(model: ModelConfig, data: Optional[Any] = None) -> Path:
+    """`resolve_model_dir`, building the offline tiny model there first when it is missing;
+    `data` (the run's DataConfig) is what a warm-started tiny model is taught on."""
+    model_dir = resolve_model_dir(model, data)
     if model.tiny and not model.path and not (model_dir / "config.json").is_file():
         if model.warm_start:
             from mcore_r1.models.warmstart import ensure_warm_model
 
-            return ensure_warm_model(model.tiny, model.warm_start, model_dir.parent)
+            return ensure_warm_model(model.tiny, model.warm_start, model_dir.parent, data_cfg=data)
         from mcore_r1.models.tiny import ensure_tiny_model
 
         ensure_tiny_model(model.tiny, model_dir.parent)
     return model_dir
 
 
-def resolve_model_shape(model: ModelConfig) -> ModelShape:
+def resolve_model_shape(model: ModelConfig, data: Optional[Any] = None) -> ModelShape:
     """Read the shape from config.json, or from the tiny model's spec before it is built."""
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model_dir(model, data)
     if (model_dir / "config.json").is_file():
         return shape_from_hf_config(
             read_hf_config(model_dir), model.architecture, source=str(model_dir / "config.json")
@@ -265,7 +270,7 @@ def validate(cfg: Config) -> ModelShape:
     problems: list[str] = []
     shape: Optional[ModelShape] = None
     try:
-        shape = resolve_model_shape(cfg.model)
+        shape = resolve_model_shape(cfg.model, cfg.data)
     except ConfigError as err:
         problems.extend(err.problems)
     except (UnknownArchitectureError, FileNotFoundError, KeyError, ValueError) as err:

@@ -56,7 +56,7 @@ def _run(cfg: DictConfig) -> None:
 
     config = to_config(cfg)
     try:
-        print(report(config.data, prepare_model_dir(config.model, default_cache_dir())))
+        print(report(config.data, prepare_model_dir(config.model, default_cache_dir(), config.data)))
     except (ConfigError, DataError, EvalError, FileNotFoundError, ValueError) as err:
         print(f"mcore_r1.data.check: {err}", file=sys.stderr)
         sys.exit(2)

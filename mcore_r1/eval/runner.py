@@ -43,12 +43,12 @@ MCORE_META = "mcore_r1_checkpoint.json"  # marks an mcore_r1 Megatron checkpoint
 CONVERTER = Path(__file__).resolve().parents[2] / "tools" / "convert_hf_mcore.py"
 
 
-def prepare_model_dir(model_cfg: Any, cache_root: Path) -> Path:
+def prepare_model_dir(model_cfg: Any, cache_root: Path, data_cfg: Any = None) -> Path:
     """The HF checkpoint to evaluate: the given one, the tiny model (built if missing), or an
     mcore_r1 Megatron checkpoint converted to HF once and kept under `cache_root`."""
     from mcore_r1.config.validate import ensure_model_dir
 
-    model_dir = ensure_model_dir(model_cfg)
+    model_dir = ensure_model_dir(model_cfg, data_cfg)
     if (model_dir / "config.json").is_file():
         return model_dir
     if (model_dir / MCORE_META).is_file():
@@ -170,7 +170,7 @@ def run_eval(cfg: Any) -> Path:
 
     _check_settings(cfg)
     cache_root = Path(cfg.cache_dir or default_cache_dir())
-    model_dir = prepare_model_dir(cfg.model, cache_root)
+    model_dir = prepare_model_dir(cfg.model, cache_root, cfg.data)
     spec = resolve_source(cfg.data, cfg.split)
     dataset = PromptDataset(spec, cfg.data, load_processor(model_dir, cfg.data),
                             limit=cfg.max_prompts or None)

@@ -17,8 +17,11 @@ temperature 1 explores every answer evenly: exactly the diverse groups GRPO need
 
 Details, each for a reason:
 
-* prompts are the train split's, built by `PromptDataset` with the experiment's processor, chat
-  template and format prompt, so the model is trained on byte-identical prompt text;
+* prompts are the train split's, built by `PromptDataset` with the experiment's data settings
+  (format prompt, difficulty, pixel bounds), so the model is trained on byte-identical prompt
+  text and the answer range is the experiment's (counting: 1..max_count). The checkpoint's
+  directory name carries a hash of those settings, so a changed setting never reuses a stale
+  warm model;
 * loss on response tokens (and the closing ``<|im_end|>``, so it learns to stop) only;
 * the vision tower is frozen: the format does not depend on the picture, and freezing keeps the
   warm-start from shaping visual features in any way;
@@ -29,6 +32,7 @@ Details, each for a reason:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -58,14 +62,34 @@ def task_data_config(task: str, **overrides):
     return replace(DataConfig(synthetic=task, format_prompt=fmt, max_prompt_length=max_len), **overrides)
 
 
-def answer_range(task: str, answers: list[str]) -> list[int]:
-    """Every answer K may take: 1..MAX_TARGETS for counting, else min..max of the train answers."""
+def answer_range(task: str, answers: list[str], max_count: Optional[int] = None) -> list[int]:
+    """Every answer K may take: 1..max_count for counting, else min..max of the train answers."""
     if task == "counting":
         from mcore_r1.data.synthetic import MAX_TARGETS
 
-        return list(range(1, MAX_TARGETS + 1))
+        return list(range(1, (max_count or MAX_TARGETS) + 1))
     values = [int(a) for a in answers]
     return list(range(min(values), max(values) + 1))
+
+
+# The data settings that change what the warm-start trains on (and so its result).
+_DATA_KEYS = ("synthetic", "synthetic_train_size", "synthetic_seed", "synthetic_max_count",
+              "synthetic_max_distractors", "synthetic_max_operand", "synthetic_grid", "format",
+              "format_prompt", "system_prompt", "max_prompt_length", "min_pixels", "max_pixels")
+
+
+def warm_data_config(task: str, data_cfg: Any = None):
+    """The experiment's data settings for the synthetic `task` (shipped defaults without one)."""
+    if data_cfg is None:
+        return task_data_config(task)
+    return replace(data_cfg, train_files="", val_files="", synthetic=_check_task(task))
+
+
+def warm_model_name(tiny_name: str, task: str, data_cfg: Any = None) -> str:
+    """`<tiny>-warm-<task>-<hash of the data settings>`: one directory per distinct recipe."""
+    cfg = warm_data_config(task, data_cfg)
+    settings = json.dumps({k: getattr(cfg, k) for k in _DATA_KEYS}, sort_keys=True)
+    return f"{tiny_name}-warm-{task}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
 
 
 def supports(tiny_name: str, task: str) -> bool:
@@ -74,10 +98,10 @@ def supports(tiny_name: str, task: str) -> bool:
 
 
 def ensure_warm_model(tiny_name: str, task: str, root: Optional[str | Path] = None, seed: int = 0,
-                      steps: int = DEFAULT_STEPS) -> Path:
-    """Return ``root/<tiny_name>-warm-<task>``, building it (base model + SFT) on first use."""
+                      steps: int = DEFAULT_STEPS, data_cfg: Any = None) -> Path:
+    """Return ``root/<warm_model_name>``, building it (base model + SFT) on first use."""
     root = Path(root if root is not None else tiny.default_tiny_root()).expanduser().absolute()
-    out_dir = root / f"{tiny_name}-warm-{_check_task(task)}"
+    out_dir = root / warm_model_name(tiny_name, _check_task(task), data_cfg)
     if tiny.is_complete(out_dir):
         return out_dir
     if not supports(tiny_name, task):
@@ -85,7 +109,7 @@ def ensure_warm_model(tiny_name: str, task: str, root: Optional[str | Path] = No
     base = tiny.ensure_tiny_model(tiny_name, root)
     tmp = tiny._sibling(out_dir, "tmp")
     try:
-        warm_start(base, tmp, task, seed=seed, steps=steps)
+        warm_start(base, tmp, task, seed=seed, steps=steps, data_cfg=warm_data_config(task, data_cfg))
         tiny._match_umask(tmp)
         tiny._publish(tmp, out_dir, replace=False)
     finally:
@@ -105,7 +129,7 @@ def warm_start(base_dir: str | Path, out_dir: str | Path, task: str, *, seed: in
     data_cfg = data_cfg if data_cfg is not None else task_data_config(task)
     processor = load_processor(base_dir, data_cfg)
     items = PromptDataset(resolve_source(data_cfg, "train"), data_cfg, processor).items
-    ks = answer_range(task, [it.answer for it in items])
+    ks = answer_range(task, [it.answer for it in items], getattr(data_cfg, "synthetic_max_count", None))
     template = TASK_FORMAT[_check_task(task)][2]
     rng = random.Random(f"mcore_r1-warmstart-{task}-{seed}")  # answers and order: own stream
     torch.manual_seed(seed)
@@ -142,6 +166,7 @@ def warm_start(base_dir: str | Path, out_dir: str | Path, task: str, *, seed: in
             shutil.copy2(path, out_dir / path.name)
     info = {"base": base_dir.name, "task": task, "seed": seed, "steps": steps, "batch_size": batch_size,
             "lr": lr, "answers": ks, "response_template": template,
+            "data": {k: getattr(data_cfg, k) for k in _DATA_KEYS},
             "final_loss": sum(losses[-10:]) / len(losses[-10:])}
     (out_dir / "warmstart.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info

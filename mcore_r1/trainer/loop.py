@@ -180,7 +180,7 @@ def run_training(cfg: Config) -> Path:
     from mcore_r1.trainer.placement import WorkerGroup, start_ray
 
     run_dir = Path(cfg.trainer.output_dir).absolute()
-    model_dir = ensure_model_dir(cfg.model).absolute()
+    model_dir = ensure_model_dir(cfg.model, cfg.data).absolute()
     processor = load_processor(model_dir, cfg.data)
     train_set = PromptDataset(resolve_source(cfg.data, "train"), cfg.data, processor)
     val_set = PromptDataset(resolve_source(cfg.data, "test"), cfg.data, processor,

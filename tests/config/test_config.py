@@ -142,3 +142,12 @@ def test_missing_checkpoint_is_named(tmp_path):
     cfg = load("model=hf", f"model.path={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="has no config.json"):
         validate(cfg)
+
+
+def test_default_job_is_the_tiny_vl_grpo_experiment():
+    """conf/config.yaml repeats the experiment's recipe (Hydra cannot default to an experiment
+    and still accept +experiment=...): keep the two identical."""
+    default, experiment = to_config(compose([])), to_config(compose(["+experiment=tiny_vl_grpo"]))
+    default.logger.run_name = experiment.logger.run_name
+    default.trainer.output_dir = experiment.trainer.output_dir = ""
+    assert default == experiment

@@ -47,7 +47,8 @@ def greedy(warm_dir):
 
 
 def test_directory_layout_and_metadata(warm_dir):
-    assert warm_dir.name == "qwen2_5_vl-warm-counting"
+    assert warm_dir.name == warmstart.warm_model_name("qwen2_5_vl", "counting")
+    assert warm_dir.name.startswith("qwen2_5_vl-warm-counting-")
     assert tiny.is_complete(warm_dir)
     for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json", "warmstart.json"):
         assert (warm_dir / name).is_file(), name
@@ -80,9 +81,23 @@ def test_answers_are_not_learnt(greedy):
 def test_targets_carry_no_answer_information():
     """The SFT targets draw K from the whole range; the reference answer is never used."""
     assert warmstart.answer_range("counting", ["3"]) == [1, 2, 3, 4, 5, 6]
+    assert warmstart.answer_range("counting", ["3"], max_count=4) == [1, 2, 3, 4]
     assert warmstart.answer_range("arithmetic", ["4", "-2", "9"]) == list(range(-2, 10))
     fmt = warmstart.TASK_FORMAT["counting"][2].format(k=5)
     assert r1v_reward({"response": fmt, "ground_truth": "5"}) == {"overall": 1.0, "format": 1.0, "accuracy": 1.0}
+
+
+def test_the_directory_name_follows_the_data_settings():
+    """A changed task setting never reuses a warm model taught on other prompts."""
+    from dataclasses import replace
+
+    base = warmstart.task_data_config("counting")
+    names = {warmstart.warm_model_name("qwen2_5_vl", "counting", cfg) for cfg in (
+        base, replace(base, synthetic_grid=2), replace(base, format_prompt="math"),
+        replace(base, max_pixels=3136 * 4))}
+    assert len(names) == 4
+    assert warmstart.warm_model_name("qwen2_5_vl", "counting", base) == \
+        warmstart.warm_model_name("qwen2_5_vl", "counting", replace(base, train_files="x.jsonl"))
 
 
 def test_deterministic_and_text_models_rejected_for_images(tmp_path):
