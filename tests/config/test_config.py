@@ -66,7 +66,7 @@ def test_cli_prints_composed_config():
     out = main("--cfg", "job")
     assert out.returncode == 0, out.stderr
     printed = OmegaConf.create(out.stdout)
-    assert printed.model.tiny == "qwen2_5_vl" and printed.rollout.n == 4
+    assert printed.model.tiny == "qwen2_5_vl" and printed.rollout.n == 8
     out = main("+experiment=tiny_text_grpo", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert OmegaConf.create(out.stdout).model.tiny == "qwen2"
@@ -124,7 +124,7 @@ def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert len(err.value.problems) == 3
-    assert "cannot hold one sequence of data.max_prompt_length + rollout.max_new_tokens = 256 + 64 = 320" in str(err.value)
+    assert "cannot hold one sequence of data.max_prompt_length + rollout.max_new_tokens = 256 + 24 = 280" in str(err.value)
 
 
 def test_unknown_architecture_lists_supported(tmp_path):
