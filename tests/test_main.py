@@ -11,7 +11,7 @@ from pathlib import Path
 from mcore_r1.trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("reward/overall", "reward/accuracy", "actor/loss", "actor/grad_norm", "actor/kl",
+KEYS = ("reward/overall", "reward/accuracy", "actor/loss", "actor/grad_norm", "actor/clipfrac",
         "actor/entropy", "response/length_mean", "perf/tokens_per_s", "timing/rollout",
         "timing/update", "timing/refit", "val/accuracy", "mismatch/mismatch_abs_max")
 
