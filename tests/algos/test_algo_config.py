@@ -55,7 +55,8 @@ def test_config_translation_rules():
     ("algorithm.policy_loss=gspo", None),  # GRPO's clip 0.2 is allowed (< 1) ...
     ("algorithm.policy_loss=gspo_token algorithm.clip_ratio_high=1.5", "ranges are ~1e-4"),
     ("algorithm.kl_ctrl=adaptive", "kl_ctrl=adaptive steers KL in the reward"),
-    ("algorithm.overlong_buffer_len=65", "overlong_buffer_len=65 must be in [0, rollout.max_new_tokens=64]"),
+    ("algorithm.overlong_buffer_len=65 rollout.max_new_tokens=64",
+     "overlong_buffer_len=65 must be in [0, rollout.max_new_tokens=64]"),
 ])
 def test_validator_names_the_problem(override, message):
     overrides = override.split()

@@ -23,6 +23,9 @@ def test_bad_data_and_reward_settings_are_reported_together():
 
 
 def test_shipped_data_and_reward_groups_validate():
-    for overrides in (["data=synthetic_arithmetic", "reward=math"], ["reward=confidence"],
-                      ["data=lmm_r1", "data.train_files=x.jsonl"]):
+    # The default trainer's mini-batch (128) fits the default data's 16 prompts x 8 responses;
+    # the other data groups sample 8 prompts per step.
+    for overrides in (["data=synthetic_arithmetic", "reward=math", "trainer.mini_batch_size=64"],
+                      ["reward=confidence"],
+                      ["data=lmm_r1", "data.train_files=x.jsonl", "trainer.mini_batch_size=64"]):
         validate(to_config(compose(overrides)))

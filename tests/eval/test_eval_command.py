@@ -38,7 +38,9 @@ def test_eval_on_tiny_vl_model_writes_metrics_and_samples_then_hits_the_cache(tm
     samples = [json.loads(l) for l in (tmp_path / "out1" / "samples.jsonl").read_text().splitlines()]
     assert metrics["num_prompts"] == 3 and metrics["num_samples"] == 6 and len(samples) == 6
     assert [(s["prompt_index"], s["sample_index"]) for s in samples] == [(p, s) for p in range(3) for s in range(2)]
-    rows = (tmp_path / "home" / "synthetic" / "counting-seed0-train4-test3" / "test.jsonl").read_text().splitlines()
+    # conf/data/synthetic_counting.yaml is the demo size (2 x 2 grid, 1-4 shapes, no distractors)
+    data_dir = "counting-seed0-train4-test3-max4-distract0-grid2"
+    rows = (tmp_path / "home" / "synthetic" / data_dir / "test.jsonl").read_text().splitlines()
     assert [s["answer"] for s in samples[::2]] == [json.loads(r)["answer"] for r in rows]
     assert all(s["response_length"] <= 12 and s["prompt"].count("<|image_pad|>") == 1 for s in samples)
     # The metrics are recomputed here from the per-sample records, independently of the runner.
