@@ -128,11 +128,33 @@ class WorkerGroup:
 
         try:
             ray.get([w.close.remote() for w in self.workers], timeout=timeout_s)
+            # Let the processes exit normally rather than be killed: vLLM's CPU shared-memory
+            # communicator (rollout.tp > 1) removes its /dev/shm segments only on a normal exit,
+            # and a leftover segment makes the next run's engine fail with errno 17.
+            for w in self.workers:
+                w.__ray_terminate__.remote()
+            _wait_until_dead(self.workers, timeout_s)
         except Exception as err:  # noqa: BLE001 - shutting down anyway; say why
             print(f"mcore_r1: workers did not close cleanly: {err}", flush=True)
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)
+
+
+def _wait_until_dead(actors: Sequence[Any], timeout_s: float) -> None:
+    """Wait for terminated actors to exit (a call on a dead actor raises)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for actor in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=1)
+            except Exception:  # noqa: BLE001 - RayActorError: it has exited
+                break
+            time.sleep(0.2)
 
 
 def first_of(results: Sequence[Optional[Any]]) -> Any:

@@ -60,7 +60,7 @@ class StepResult:
 
 
 def take_rows(matrix: Optional[torch.Tensor], indices: Sequence[int], lengths: Sequence[int],
-          width: int, device=None) -> Optional[torch.Tensor]:
+              width: int, device=None) -> Optional[torch.Tensor]:
     """Rows `indices` of a right-padded `B x T` matrix, cut/zero-padded to `width` columns."""
     if matrix is None:
         return None
