@@ -3,11 +3,17 @@
 Hydra composes `conf/` on top of the dataclass schema; `--cfg job` prints the composed config
 without running anything. The config is validated before anything heavy starts; an impossible
 setting (or a layout the Ray cluster cannot place) exits with status 2 and a message that shows
-the arithmetic. Then `mcore_r1.trainer.loop.run_training` runs the RL loop.
+the arithmetic. Then `mcore_r1.trainer.run.run_training` runs the RL loop.
+
+Exit status: 0 done (or stopped by `trainer.exit_after_steps`, checkpoint saved); 1 a failure
+during training (a worker died, NaN under `trainer.nonfinite=stop`, a failed save); 2 bad
+config, unplaceable layout, or an unusable checkpoint to resume from; 128+N stopped by signal N
+after saving a checkpoint.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -24,15 +30,26 @@ def _run(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"mcore_r1: {err}", file=sys.stderr)
         sys.exit(2)
-    from mcore_r1.trainer.loop import run_training
-    from mcore_r1.trainer.placement import PlacementError
+    from mcore_r1.trainer.checkpoint import CheckpointError
+    from mcore_r1.trainer.placement import PlacementError, WorkerFailure
+    from mcore_r1.trainer.run import run_training
 
     try:
-        run_dir = run_training(config)
-    except PlacementError as err:
+        result = run_training(config)
+    except (PlacementError, CheckpointError) as err:
         print(f"mcore_r1: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"mcore_r1: done; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
+        sys.exit(2 if isinstance(err, PlacementError) or not err.__cause__ else 1)
+    except WorkerFailure as err:  # the workers were already killed by run_training's cleanup
+        print(f"mcore_r1: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
+    if result.stop_signal is not None:
+        name = signal.Signals(result.stop_signal).name
+        print(f"mcore_r1: stopped by {name} after step {result.last_step}{where}; resume with "
+              f"trainer.output_dir={result.run_dir} (trainer.resume=auto)", file=sys.stderr, flush=True)
+        sys.exit(128 + result.stop_signal)
+    print(f"mcore_r1: done at step {result.last_step}; metrics in {result.run_dir / 'metrics.jsonl'}"
+          f"{where}", flush=True)
 
 
 def main() -> None:

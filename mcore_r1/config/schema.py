@@ -159,10 +159,16 @@ class TrainerConfig:
     mini_batch_size: int = knob(16, "Responses per optimizer update (global); divides prompts_per_step * n")
     micro_batch_tokens: int = knob(4096, "Token budget of one packed micro-batch on one rank")
     val_every: int = knob(5, "Validate every N steps; 0 = never")
-    save_every: int = knob(0, "Checkpoint every N steps; 0 = only at the end")
-    output_dir: str = knob("outputs/${now:%Y-%m-%d_%H-%M-%S}", "Run directory: metrics, checkpoints, logs")
+    save_every: int = knob(0, "Checkpoint every N steps (and always at the end and on SIGTERM/SIGINT); 0 = only then")
+    keep_last: int = knob(2, "Checkpoints kept besides the best one; older ones are deleted after a newer one is complete")
+    best_metric: str = knob("", "Validation metric whose best checkpoint is always kept (higher is better), e.g. val/accuracy; empty = none")
+    save_checkpoints: bool = knob(True, "Write checkpoints at all (false: nothing is saved, not even at the end)")
+    exit_after_steps: int = knob(0, "Stop this invocation after N steps, saving a checkpoint to resume from (time-sliced jobs); 0 = run to total_steps")
+    output_dir: str = knob("outputs/${now:%Y-%m-%d_%H-%M-%S}", "Run directory: metrics, checkpoints (checkpoints/step_N), logs")
     seed: int = knob(1, "Global seed (model init, dropout, sampling order)")
-    resume: str = knob("auto", "auto (latest complete checkpoint in output_dir), off, or a checkpoint path")
+    resume: str = knob("auto", "auto (the newest complete checkpoint in output_dir, if any), off, or a checkpoint path")
+    nonfinite: str = knob("skip", "NaN/Inf in the loss or gradient norm: skip (drop that update, count it) or stop (fail naming the metric)")
+    worker_timeout_s: float = knob(1800.0, "Seconds any single call to the workers may take before the run stops with the worker and phase named")
 
 
 @dataclass

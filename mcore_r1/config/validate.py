@@ -146,8 +146,14 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape]) -> list[str]:
 
 
 def _value_problems(cfg: Config) -> list[str]:
-    r, a, d = cfg.rollout, cfg.algorithm, cfg.data
+    r, a, d, t = cfg.rollout, cfg.algorithm, cfg.data, cfg.trainer
     checks = [
+        (t.nonfinite in ("skip", "stop"), f"trainer.nonfinite={t.nonfinite!r} must be skip or stop"),
+        (t.keep_last >= 1, f"trainer.keep_last={t.keep_last} must be >= 1"),
+        (t.save_every >= 0 and t.exit_after_steps >= 0,
+         f"trainer.save_every={t.save_every} and trainer.exit_after_steps={t.exit_after_steps} must be >= 0"),
+        (t.worker_timeout_s > 0, f"trainer.worker_timeout_s={t.worker_timeout_s} must be > 0"),
+        (bool(t.resume), "trainer.resume must be auto, off or a checkpoint path"),
         (r.n >= 1, f"rollout.n={r.n} must be >= 1"),
         (r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0"),
         (0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]"),

@@ -45,12 +45,47 @@ def build_model(
     """
     family = family_of(hf)
     if family in DENSE_FAMILIES:
-        return dense.build_language_model(text_arch(hf), layout, dtype, pre_process, post_process,
-                                          vp_stage, perform_initialization=init_weights)
-    from mcore_r1.models.qwen_vl import QwenVLModel
+        model = dense.build_language_model(text_arch(hf), layout, dtype, pre_process, post_process,
+                                           vp_stage, perform_initialization=init_weights)
+    else:
+        from mcore_r1.models.qwen_vl import QwenVLModel
 
-    return QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage,
-                       init_weights=init_weights)
+        model = QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage,
+                            init_weights=init_weights)
+    mark_tensor_parallel_weights(model)
+    return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
+    """Give every TP-sharded weight Megatron's `tensor_model_parallel` attributes; returns how
+    many were missing them.
+
+    Megatron sets these attributes inside its random initialisation, so a model built with
+    `perform_initialization=False` (ours, before loading a checkpoint) has sharded weights
+    that look replicated. The gradient norm then counts them on TP rank 0 only: measured at
+    TP=2 on the tiny Qwen2.5, 2.93 where the unsharded model has 3.84, so clipping and the
+    logged norm were wrong while every gradient was right.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:  # TransformerEngine linears say which way they are split
+            dim = {"column": 0, "row": 1}.get(getattr(module, "parallel_mode", None))
+            if dim is None:
+                continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            marked += 1
+    return marked
 
 
 def weight_rules(hf: dict[str, Any], tp: int) -> list[Rule]:

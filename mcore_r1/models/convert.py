@@ -96,7 +96,7 @@ def _counted(items, bar):
         yield item
 
 
-def _sync_save_strategy():
+def sync_save_strategy():
     """Megatron's torch_dist format, written synchronously in this process.
 
     Megatron's default strategy is built for asynchronous training checkpoints: it starts a
@@ -141,7 +141,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
         (staging / "model").mkdir()
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"),
-                            sharded_strategy=_sync_save_strategy())
+                            sharded_strategy=sync_save_strategy())
     if dist.get_rank() == 0:
         copy_hf_metadata(hf_dir, staging / "hf")
         meta = {"format_version": FORMAT_VERSION, "architecture": hf["architectures"][0],

@@ -41,6 +41,11 @@ class RewardManager:
     def counters(self) -> dict[str, int]:
         return dict(self.scorer.counters)
 
+    def restore_counters(self, counters: dict[str, int]) -> None:
+        """Continue the failure counters of a resumed run (they are cumulative)."""
+        self.scorer.counters.clear()
+        self.scorer.counters.update({k: int(v) for k, v in counters.items()})
+
     def score(self, samples: list[dict]) -> list[dict[str, float]]:
         """Samples hold response, ground_truth, prompt, response_length; returns component dicts."""
         results = self.scorer.score(samples)

@@ -142,11 +142,21 @@ class ColocatedEngine:
         start = self.replica * per + min(self.replica, extra)
         return list(items[start:start + per + (self.replica < extra)])
 
-    def generate(self, prompts: Sequence[Any], options: SamplingOptions) -> list[RolloutResult]:
+    def generate(self, prompts: Sequence[Any], options: SamplingOptions,
+                 seeds: Optional[Sequence[int]] = None) -> list[RolloutResult]:
         """Sample `options.n` responses per prompt; every rank of a replica passes the same
-        prompts (external launcher) and gets the same results."""
-        outputs = self.llm.generate([_as_request(p) for p in prompts], options.to_vllm(),
-                                    use_tqdm=False)
+        prompts (external launcher) and gets the same results.
+
+        `seeds` gives each prompt its own random stream (vLLM seeds response i of a prompt
+        with seed + i): a prompt's responses then depend neither on the batch it is in nor on
+        what the engine sampled before, which is what makes an interrupted run resumable."""
+        if seeds is None:
+            params = options.to_vllm()
+        else:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            params = [dataclasses.replace(options, seed=int(s)).to_vllm() for s in seeds]
+        outputs = self.llm.generate([_as_request(p) for p in prompts], params, use_tqdm=False)
         results = []
         for out in outputs:
             samples = []

@@ -10,6 +10,13 @@ One step, on one screen (`Trainer.step`):
 Validation (greedy by default, `rollout.val_*`) runs before the first step and every
 `trainer.val_every` steps on the test split. The driver holds the data, the reward pool and
 the batch; the workers hold the models (`mcore_r1.workers.hybrid`).
+
+Checkpoints (`save`) hold everything the next step depends on: the workers' weights,
+optimizer, scheduler and RNG, and the driver's data position, KL controller, reward counters
+and group counter. Rollouts draw from per-prompt seeds derived from (step, prompt), not from
+an engine's running random stream, so a resumed run samples exactly what an uninterrupted
+one would. `fit` stops after a step when asked (SIGTERM/SIGINT, `trainer.exit_after_steps`)
+and saves first.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from mcore_r1 import algos
 from mcore_r1.config.schema import Config
 from mcore_r1.trainer.advantage import compute_advantages
 from mcore_r1.trainer.batch import BatchPlan, RolloutBatch, gather_by_dp
+from mcore_r1.trainer.checkpoint import CheckpointError, CheckpointManager
 from mcore_r1.trainer.metrics import MetricsLogger, PhaseTimer
 from mcore_r1.trainer.placement import first_of
 from mcore_r1.trainer.rollout import Rollout
@@ -32,9 +40,14 @@ log = logging.getLogger("mcore_r1.trainer")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, workers, infos, rewards, train_set, val_set, sampler, run_dir: Path):
+    def __init__(self, cfg: Config, workers, infos, rewards, train_set, val_set, sampler, run_dir: Path,
+                 checkpoints: Optional[CheckpointManager] = None, model_dir: Optional[Path] = None,
+                 run_id: str = ""):
         self.cfg, self.workers, self.infos, self.rewards = cfg, workers, infos, rewards
-        self.run_dir = run_dir
+        self.run_dir, self.checkpoints, self.model_dir, self.run_id = run_dir, checkpoints, model_dir, run_id
+        self.stop_signal: Optional[int] = None  # set by the signal handler: stop after this step
+        self.timer = PhaseTimer()  # the current step's: names the phase a failure came from
+        self.last_val: dict = {}
         self.train_set, self.val_set, self.sampler = train_set, val_set, sampler
         self.rollout = Rollout(workers, infos, rewards, cfg)
         self.dp = infos[0].dp_size
@@ -48,7 +61,8 @@ class Trainer:
         return [self.train_set[k] for k in keys], keys
 
     def step(self, step: int) -> dict:
-        timer = PhaseTimer()
+        timer = self.timer = PhaseTimer()
+        self.rollout.begin_step(step)
         with timer("step"):
             with timer("rollout"):
                 batch, metrics = self.rollout.fill(self.draw)
@@ -114,18 +128,86 @@ class Trainer:
         metrics["val/response_length"] = sum(map(len, batch.response_ids)) / len(batch)
         return metrics
 
-    def fit(self, logger: MetricsLogger, start_step: int = 0) -> None:
+    def fit(self, logger: MetricsLogger, start_step: int = 0) -> int:
+        """Train from `start_step` to the end, or until asked to stop; returns the last step.
+        A worker failure is re-raised with the step and phase it happened in."""
+        self.current_step = start_step
+        try:
+            return self._fit(logger, start_step)
+        except Exception as err:
+            if not hasattr(err, "with_context"):
+                raise
+            raise err.with_context(f"step {self.current_step}, phase "
+                                   f"{self.timer.failed_in or 'between phases'}") from None
+
+    def _fit(self, logger: MetricsLogger, start_step: int) -> int:
         t = self.cfg.trainer
-        if t.val_every:
-            logger.log(start_step, self.validate(start_step), advance=False)
+        if t.val_every and start_step == 0:
+            self.timer = PhaseTimer()
+            with self.timer("validate"):
+                logger.log(0, self.validate(0), advance=False)
+        step = start_step
         for step in range(start_step + 1, t.total_steps + 1):
+            self.current_step = step
             metrics = self.step(step)
+            self.last_val = {}
             if t.val_every and (step % t.val_every == 0 or step == t.total_steps):
-                timer = PhaseTimer()
+                timer = self.timer = PhaseTimer()
                 with timer("validate"):
-                    metrics.update(self.validate(step))
+                    self.last_val = self.validate(step)
+                metrics.update(self.last_val)
                 metrics.update(timer.metrics())
             logger.log(step, metrics)
+            stopping = self.stop_signal is not None or (
+                t.exit_after_steps > 0 and step - start_step >= t.exit_after_steps)
+            if stopping or step == t.total_steps or (t.save_every and step % t.save_every == 0):
+                self.save(step, logger)
+            if stopping:
+                break
+        return step
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self, step: int) -> dict:
+        p = self.cfg.parallel
+        return {"step": step, "run_id": self.run_id, "sampler": self.sampler.state_dict(),
+                "kl_coef": self.kl_ctrl.value, "reward_counters": self.rewards.counters,
+                "next_group": self.rollout.next_group, "val_metrics": self.last_val,
+                "layout": {"world": self.cfg.trainer.nnodes * self.cfg.trainer.devices_per_node,
+                           "tp": p.tp, "pp": p.pp, "cp": p.cp}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctrl.value = float(state["kl_coef"])
+        self.rewards.restore_counters(state["reward_counters"])
+        self.rollout.next_group = int(state["next_group"])
+
+    def save(self, step: int, logger: MetricsLogger) -> None:
+        """Checkpoint after `step`; a failure leaves the previous checkpoint as it was."""
+        if self.checkpoints is None:
+            return
+        timer = self.timer = PhaseTimer()
+        with timer("save"):
+            staging = self.checkpoints.begin(step)
+            try:
+                self.workers.call("save_checkpoint", str(staging))
+                final = self.checkpoints.finish(staging, step, self.state_dict(step), self.model_dir)
+            except Exception as err:
+                self.checkpoints.abandon(staging)
+                raise CheckpointError(f"saving the checkpoint of step {step} failed ({err}); "
+                                      f"{self.checkpoints.describe_previous()}") from err
+        logger.write(f"checkpoint: {final} ({timer.seconds['save']:.1f} s)")
+
+    def resume(self, path: Path) -> int:
+        """Load the checkpoint at `path` into the workers and the driver; returns its step."""
+        from mcore_r1.trainer.checkpoint import read_state
+
+        state = read_state(path)
+        notes = [n for n in self.workers.call("load_checkpoint", str(path)) if n]
+        for note in notes:
+            print(f"mcore_r1: {note}", flush=True)
+        self.load_state_dict(state)
+        return int(state["step"])
 
 
 def write_generations(path: Path, batch: RolloutBatch) -> None:
@@ -150,67 +232,3 @@ def response_metrics(batch: RolloutBatch, mask: torch.Tensor, entropy: torch.Ten
             "actor/entropy": float(entropy[mask].mean()),
             "perf/tokens": float(lengths.sum()) + prompt_tokens,
             "batch/responses": float(len(batch))}
-
-
-def describe_batches(cfg: Config, dp: int, num_replicas: int) -> str:
-    """The batch-size arithmetic of this run, printed at start-up."""
-    d, r, t, p = cfg.data, cfg.rollout, cfg.trainer, cfg.parallel
-    responses = d.prompts_per_step * r.n
-    minis = responses // t.mini_batch_size
-    world = t.nnodes * t.devices_per_node
-    return (f"batch: {d.prompts_per_step} prompts/step x {r.n} responses = {responses} responses/step; "
-            f"mini-batch {t.mini_batch_size} -> {minis} update(s)/step x {cfg.algorithm.ppo_epochs} "
-            f"epoch(s) = {minis * cfg.algorithm.ppo_epochs * t.total_steps} updates in {t.total_steps} "
-            f"steps; {t.mini_batch_size // dp} responses per DP rank per update, micro-batches of "
-            f"<= {t.micro_batch_tokens} tokens\nlayout: world {world} = DP {dp} x TP {p.tp} x PP {p.pp} "
-            f"x CP {p.cp}; rollout: {num_replicas} vLLM replica(s) of TP {r.tp}")
-
-
-def total_updates(cfg: Config) -> int:
-    responses = cfg.data.prompts_per_step * cfg.rollout.n
-    return cfg.trainer.total_steps * (responses // cfg.trainer.mini_batch_size) * cfg.algorithm.ppo_epochs
-
-
-def run_training(cfg: Config) -> Path:
-    """Build everything, train, and return the run directory (metrics.jsonl, tensorboard/)."""
-    from mcore_r1.config.validate import ensure_model_dir
-    from mcore_r1.data import PromptDataset, load_processor, resolve_source
-    from mcore_r1.data.sampler import ResumableSampler
-    from mcore_r1.rewards import RewardManager
-    from mcore_r1.trainer.placement import WorkerGroup, start_ray
-
-    run_dir = Path(cfg.trainer.output_dir).absolute()
-    model_dir = ensure_model_dir(cfg.model, cfg.data).absolute()
-    processor = load_processor(model_dir, cfg.data)
-    train_set = PromptDataset(resolve_source(cfg.data, "train"), cfg.data, processor)
-    val_set = PromptDataset(resolve_source(cfg.data, "test"), cfg.data, processor,
-                            limit=cfg.data.val_prompts or None)
-    sampler = ResumableSampler(len(train_set), cfg.data.seed, cfg.data.shuffle)
-    max_images = max(len(item.images) for item in train_set.items + val_set.items)
-    # The reward is loaded and probed before any worker starts: a broken file fails in seconds.
-    with RewardManager(cfg.reward, max_response_length=cfg.rollout.max_new_tokens) as rewards:
-        start_ray()
-        workers = WorkerGroup(cfg, str(model_dir), use_gpu=_cluster_has_gpus())
-        logger = None
-        try:
-            infos = workers.call("setup", total_updates(cfg), max_images)
-            logger = MetricsLogger(run_dir, cfg.logger.backends, cfg.trainer.total_steps,
-                                   log_every=cfg.logger.log_every)
-            logger.write(f"run directory: {run_dir}\nmodel: {model_dir}\n"
-                         + describe_batches(cfg, infos[0].dp_size, infos[0].num_replicas))
-            Trainer(cfg, workers, infos, rewards, train_set, val_set, sampler, run_dir).fit(logger)
-        finally:
-            if logger is not None:
-                logger.close()
-            workers.shutdown()
-    return run_dir
-
-
-def _cluster_has_gpus() -> bool:
-    import os
-
-    import ray
-
-    if os.environ.get("MCORE_R1_FORCE_CPU") == "1":
-        return False
-    return ray.cluster_resources().get("GPU", 0) > 0

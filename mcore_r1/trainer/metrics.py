@@ -24,15 +24,24 @@ CONSOLE_KEYS = (  # (metric, label, format) for the one-line summary
 
 
 class PhaseTimer:
+    """Seconds per phase; also remembers which phase (innermost first) an error escaped from."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.active: list[str] = []
+        self.failed_in: Optional[str] = None
 
     @contextmanager
     def __call__(self, phase: str):
         start = time.perf_counter()
+        self.active.append(phase)
         try:
             yield
+        except BaseException:
+            self.failed_in = self.failed_in or " > ".join(self.active)
+            raise
         finally:
+            self.active.pop()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:
@@ -63,7 +72,9 @@ class MetricsLogger:
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # A resumed run redoes the steps after its checkpoint: drop their old events.
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
         self.bar = None
         if "console" in self.backends:
             from tqdm import tqdm

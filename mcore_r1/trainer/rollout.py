@@ -37,11 +37,25 @@ def vllm_request(item) -> dict:
     return {"prompt": item.prompt}
 
 
+def prompt_seed(base: int, step: int, call: int, index: int) -> int:
+    """The sampling seed of prompt `index` in the `call`-th generation of `step`: a pure
+    function of those numbers, so a resumed run draws exactly what an uninterrupted one did."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{base}:{step}:{call}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 class Rollout:
     def __init__(self, workers, infos, rewards, cfg):
         self.workers, self.infos, self.rewards, self.cfg = workers, infos, rewards, cfg
         self.num_replicas = infos[0].num_replicas
         self.next_group = 0
+        self.step, self.calls = 0, 0
+
+    def begin_step(self, step: int) -> None:
+        """Seeds of the generations that follow derive from `step` and their order in it."""
+        self.step, self.calls = step, 0
 
     def options(self, validation: bool = False, greedy: bool = False) -> SamplingOptions:
         r = self.cfg.rollout
@@ -55,7 +69,10 @@ class Rollout:
     def generate(self, items: Sequence[Any], keys: Sequence[int], options: SamplingOptions) -> RolloutBatch:
         """Responses to `items` (dataset rows `keys`), `options.n` each, in prompt order."""
         shares = replica_shares(list(range(len(items))), self.num_replicas)
-        calls = [([vllm_request(items[i]) for i in shares[info.replica]], options) for info in self.infos]
+        seeds = [prompt_seed(self.cfg.rollout.seed, self.step, self.calls, i) for i in range(len(items))]
+        self.calls += 1
+        calls = [([vllm_request(items[i]) for i in shares[info.replica]], options,
+                  [seeds[i] for i in shares[info.replica]]) for info in self.infos]
         leaders = self.workers.call_each("generate", calls)
         by_replica = {info.replica: out for info, out in zip(self.infos, leaders) if out is not None}
         batch = RolloutBatch()

@@ -19,9 +19,11 @@ data-parallel rank they speak for.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence as Seq
 
 import torch
@@ -143,11 +145,11 @@ class HybridWorker:
 
     # -- rollout ----------------------------------------------------------------------------
 
-    def generate(self, prompts: list[dict], options) -> Optional[list]:
-        """This replica's prompts (every rank of a replica gets the same list)."""
+    def generate(self, prompts: list[dict], options, seeds: Optional[list[int]] = None) -> Optional[list]:
+        """This replica's prompts (every rank of a replica gets the same list), one seed each."""
         self.engine.wake_up()
         try:
-            results = self.engine.generate(prompts, options) if prompts else []
+            results = self.engine.generate(prompts, options, seeds) if prompts else []
         finally:
             self.engine.sleep()
         return results if self.info.rollout_leader else None
@@ -207,12 +209,12 @@ class HybridWorker:
             advantages=matrices["advantages"], response_mask=matrices["response_mask"],
             ref_log_probs=matrices.get("ref_log_probs"), is_weights=matrices.get("is_weights"),
             cfg=loss_config(self.cfg), grad_scale=float(self.info.dp_size))
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = guarded_step(self.optimizer, "actor", result.loss, self.cfg.trainer.nonfinite)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
         if not self.info.reports:
             return None
-        metrics.update({"actor/loss": result.loss, "actor/grad_norm": float(grad_norm or 0.0),
+        metrics.update({"actor/loss": result.loss, "actor/grad_norm": grad_norm,
                    "actor/lr": lr, "actor/update_skipped": float(not ok),
                    "actor/micro_batches": float(result.num_micro_batches),
                    "actor/update_seconds": time.perf_counter() - start})
@@ -232,12 +234,46 @@ class HybridWorker:
             response_mask=matrices["response_mask"], clip=algos.value_clip(a),
             agg_mode=a.loss_agg_mode, norm_len=algos.seq_norm_len(a, self.cfg.rollout.max_new_tokens),
             grad_scale=float(self.info.dp_size))
-        _, grad_norm, _ = self.critic_optimizer.step()
+        loss = result.loss if result is not None else 0.0
+        ok, grad_norm = guarded_step(self.critic_optimizer, "critic", loss, self.cfg.trainer.nonfinite)
         self.critic_scheduler.step(increment=1)
         if result is None:
             return {}
-        return {"critic/loss": result.loss, "critic/grad_norm": float(grad_norm or 0.0),
+        return {"critic/loss": result.loss, "critic/grad_norm": grad_norm,
+                "critic/update_skipped": float(not ok),
                 **{f"critic/{k}": v for k, v in result.metrics.items()}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"world": int(os.environ["WORLD_SIZE"]), "rank": self.info.rank, "tp": p.tp,
+                "pp": p.pp, "cp": p.cp}
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write this rank's share of the actor (and critic), optimizer, scheduler and RNG."""
+        from mcore_r1.workers import checkpointing as ckpt
+
+        path = Path(path)
+        ckpt.save_model(self.actor.module, self.optimizer, self.scheduler, path, "model", "optimizer")
+        if self.critic is not None:
+            ckpt.save_model(self.critic.module, self.critic_optimizer, self.critic_scheduler, path,
+                            "critic", "critic_optimizer")
+        ckpt.save_rng(path, self._layout())
+
+    def load_checkpoint(self, path: str) -> Optional[str]:
+        """Load a checkpoint written at any layout, then refit vLLM from the loaded actor.
+        Returns (from rank 0) a note when RNG streams could not be restored."""
+        from mcore_r1.workers import checkpointing as ckpt
+
+        path = Path(path)
+        ckpt.load_model(self.actor.module, self.optimizer, self.scheduler, path, "model", "optimizer")
+        if self.critic is not None:
+            ckpt.load_model(self.critic.module, self.critic_optimizer, self.critic_scheduler, path,
+                            "critic", "critic_optimizer")
+        note = ckpt.load_rng(path, self._layout())
+        self.refit()
+        return note if self.info.rank == 0 else None
 
     def close(self) -> None:
         from mcore_r1.parallel.runtime import destroy_parallel
@@ -294,3 +330,39 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, tot
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant")
     return ddp, optimizer, scheduler
+
+
+class NonFiniteError(RuntimeError):
+    """NaN/Inf in a loss or gradient norm under `trainer.nonfinite=stop`."""
+
+
+def guarded_step(optimizer, name: str, loss: float, policy: str) -> tuple[bool, float]:
+    """Step `optimizer` unless the loss or the gradient norm is NaN/Inf; returns (stepped, norm).
+
+    The norm is computed before the step because Megatron's clipping does not stop a NaN norm
+    (`coeff < 1` is false for NaN) and Adam would write NaN into every weight. The norm is
+    reduced over the model-parallel group and the gradients over DP, so all ranks agree on the
+    decision. `policy` skip drops the update (the scheduler still advances, as for an fp16
+    overflow); stop raises naming the metric.
+    """
+    import torch.distributed as dist
+
+    optimizer.prepare_grads()
+    norm = optimizer.get_grad_norm()
+    norm = float(norm) if norm is not None else 0.0
+    bad = [f"{name}/{key} = {value}" for key, value in (("loss", loss), ("grad_norm", norm))
+           if not math.isfinite(value)]
+    # Only the last pipeline stage sees the loss: every rank must take the same decision.
+    from mcore_r1.parallel.device import get_device
+
+    flag = torch.tensor([float(bool(bad))], device=get_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        ok, _, _ = optimizer.step()
+        return bool(ok), norm
+    if policy == "stop":
+        seen = " and ".join(bad) or f"a non-finite {name} loss on another pipeline stage"
+        raise NonFiniteError(f"{seen} (trainer.nonfinite=stop; trainer.nonfinite=skip drops such "
+                             "updates instead)")
+    optimizer.zero_grad()
+    return False, norm

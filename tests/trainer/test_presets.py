@@ -34,14 +34,14 @@ def test_every_preset_is_covered():
 
 @pytest.mark.parametrize("experiment", PRESETS)
 def test_preset_runs_two_steps(experiment, tmp_path):
-    from mcore_r1.trainer.loop import run_training
+    from mcore_r1.trainer.run import run_training
 
     overrides = [f"+experiment={experiment}", f"trainer.output_dir={tmp_path}", *SHORT]
     if "dapo" in experiment:  # the overlong ramp must fit inside the short responses
         overrides.append("algorithm.overlong_buffer_len=4")
     cfg = to_config(compose(overrides))
     validate(cfg)
-    run_dir = run_training(cfg)
+    run_dir = run_training(cfg).run_dir
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] >= 1]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:

@@ -84,6 +84,7 @@ def _megatron_gradients(rank, world_size, model_dir, inputs):
     logits = model(mb.input_ids, mb.position_ids, mb.attention_mask, **mb.vision)
     logp, _ = token_logprobs(logits, mb.labels, hf["text_config"]["vocab_size"])
     logp[0, -RESPONSE_TOKENS - 1:-1].sum().backward()
+    norm = megatron_grad_norm(model)
     with torch.no_grad():  # export the gradients, not the weights, through the mapping
         for p in model.parameters():
             p.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
@@ -96,13 +97,29 @@ def _megatron_gradients(rank, world_size, model_dir, inputs):
 
     grads = dict(export_hf_weights(model, weight_rules(hf, world_size), gather, layer_tables(model),
                                    export_skip(hf)))
-    return grads if rank == 0 else None
+    return (grads, norm) if rank == 0 else None
+
+
+def megatron_grad_norm(model) -> float:
+    """The total gradient norm as Megatron's optimizer computes it for clipping: each grad
+    counted once, TP-sharded ones on every rank, replicated ones on TP rank 0 only."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None and param_is_not_shared(p)
+             and param_is_not_tensor_parallel_duplicate(p)]
+    return float(get_grad_norm_fp32(grads, grad_stats_parallel_group=mpu.get_model_parallel_group()))
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
 def test_vl_gradients_match_transformers(model_dir, tp):
     expected = hf_gradients(model_dir)
-    got = run_workers(_megatron_gradients, tp, model_dir, processed(model_dir))[0]
+    got, norm = run_workers(_megatron_gradients, tp, model_dir, processed(model_dir))[0]
+    # The norm clipping uses: a sharded weight that looks replicated is counted on one rank only.
+    hf_norm = torch.stack([g.double().pow(2).sum() for g in expected.values()]).sum().sqrt().item()
+    assert abs(norm - hf_norm) <= 1e-4 * hf_norm, (norm, hf_norm)
     vision = [n for n in got if "visual" in n]
     assert len(vision) > 10, "the vision tower's gradients are missing"
     worst = {}
