@@ -33,12 +33,16 @@ def _run(cfg: DictConfig) -> None:
     from mcore_r1.trainer.checkpoint import CheckpointError
     from mcore_r1.trainer.placement import PlacementError, WorkerFailure
     from mcore_r1.trainer.run import run_training
+    from mcore_r1.workers.hybrid import NonFiniteError
 
     try:
         result = run_training(config)
     except (PlacementError, CheckpointError) as err:
         print(f"mcore_r1: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, PlacementError) or not err.__cause__ else 1)
+    except NonFiniteError as err:
+        print(f"mcore_r1: {err}", file=sys.stderr)
+        sys.exit(1)
     except WorkerFailure as err:  # the workers were already killed by run_training's cleanup
         print(f"mcore_r1: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -48,6 +52,10 @@ def _run(cfg: DictConfig) -> None:
         print(f"mcore_r1: stopped by {name} after step {result.last_step}{where}; resume with "
               f"trainer.output_dir={result.run_dir} (trainer.resume=auto)", file=sys.stderr, flush=True)
         sys.exit(128 + result.stop_signal)
+    if result.last_step < config.trainer.total_steps:  # trainer.exit_after_steps
+        print(f"mcore_r1: stopped after step {result.last_step} (trainer.exit_after_steps){where}; "
+              f"continue with trainer.output_dir={result.run_dir}", flush=True)
+        return
     print(f"mcore_r1: done at step {result.last_step}; metrics in {result.run_dir / 'metrics.jsonl'}"
           f"{where}", flush=True)
 

@@ -24,7 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             ("verify", "compare Megatron and transformers logits")):
         p = sub.add_parser(name, help=help_text)
         if name == "mcore-to-hf":
-            p.add_argument("--mcore", required=True, help="mcore_r1 Megatron checkpoint directory")
+            p.add_argument("--mcore", required=True,
+                           help="mcore_r1 Megatron checkpoint: a converter output, a training "
+                                "checkpoint (checkpoints/step_N), or a run directory (its latest)")
         else:
             p.add_argument("--hf", required=True, help="Hugging Face checkpoint directory")
         if name != "verify":

@@ -5,6 +5,9 @@ Layout of an mcore_r1 Megatron checkpoint directory:
   hf/                       the source config.json, generation config, tokenizer and processor
   mcore_r1_checkpoint.json  format version, architecture, the layout it was written at
 
+A training checkpoint (`mcore_r1.trainer.checkpoint`) has the same three plus optimizer and
+trainer state, so everything here reads it as it is.
+
 Every function runs on all ranks of an initialised Megatron world (one process is a world
 too). Output is built in a hidden staging directory next to the target and renamed into place
 by rank 0 only when complete, so an interrupted conversion never leaves a directory that looks
@@ -151,6 +154,23 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
     return out_dir
 
 
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A converter checkpoint, a training checkpoint (checkpoints/step_N), or a run directory
+    or checkpoints directory, read through its `latest` pointer; training checkpoints are
+    verified against their manifest first."""
+    path = Path(path).absolute()
+    for root in (path, path / "checkpoints"):
+        pointer = root / "latest"
+        if not (path / META_NAME).is_file() and pointer.is_file():
+            path = root / pointer.read_text().split()[0]
+            break
+    if (path / "manifest.json").is_file():
+        from mcore_r1.trainer.checkpoint import verify
+
+        verify(path)
+    return path
+
+
 def read_meta(mcore_dir: Path) -> dict:
     path = Path(mcore_dir) / META_NAME
     if not path.is_file():
@@ -165,7 +185,7 @@ def load_mcore_model(mcore_dir: str | Path, layout: ModelLayout):
     """Build this rank's stage at `layout` and load it from a Megatron checkpoint directory."""
     from megatron.core import dist_checkpointing
 
-    mcore_dir = Path(mcore_dir)
+    mcore_dir = resolve_checkpoint_dir(mcore_dir)
     read_meta(mcore_dir)
     hf = read_hf_config(mcore_dir / "hf")
     model = build_model(hf, layout, config_dtype(hf), init_weights=False, **_stage_flags())
@@ -190,7 +210,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
     """Write a Megatron checkpoint as sharded HF safetensors plus config and tokenizer files."""
     from megatron.core import parallel_state as mpu
 
-    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir).absolute()
+    mcore_dir, out_dir = resolve_checkpoint_dir(mcore_dir), Path(out_dir).absolute()
     model, hf = load_mcore_model(mcore_dir, layout)
     staging = _prepare_output(out_dir, overwrite)
     tensors = export_hf_weights(model, weight_rules(hf, layout.tp), _gather_tp,

@@ -76,6 +76,8 @@ class Trainer:
                 old, entropy = self.log_probs("actor", batch, plan, with_entropy=True)
                 ref = self.log_probs("ref", batch, plan)[0] if self.use_ref else None
                 values = self.per_response("values", "values", batch, plan) if self.use_critic else None
+            if self.nonfinite(step, {"actor/old_log_probs": old, "ref/log_probs": ref, "critic/values": values}):
+                return {**metrics, **self.rewards.metrics(batch.rewards), "train/skipped": 1.0}
             with timer("advantage"):
                 data, returns, adv_metrics = compute_advantages(self.cfg, batch, old, ref, self.kl_ctrl,
                                                                 baselines, values)
@@ -90,6 +92,21 @@ class Trainer:
         metrics.update({**adv_metrics, **update_metrics, **refit_metrics, **timer.metrics()})
         metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / max(timer.seconds["step"], 1e-9)
         return metrics
+
+    def nonfinite(self, step: int, tensors: dict) -> bool:
+        """True (skip this step) when a model output is NaN/Inf under `trainer.nonfinite=skip`;
+        raises naming it under `stop`. Padding is 0, so any NaN/Inf is at a real position."""
+        from mcore_r1.workers.hybrid import NonFiniteError
+
+        bad = [f"{name} ({int((~torch.isfinite(t)).sum())} values)" for name, t in tensors.items()
+               if t is not None and not torch.isfinite(t).all()]
+        if not bad:
+            return False
+        what = f"step {step}: non-finite {', '.join(bad)}"
+        if self.cfg.trainer.nonfinite == "stop":
+            raise NonFiniteError(f"{what} (trainer.nonfinite=stop; skip drops such steps instead)")
+        print(f"mcore_r1: {what}: step skipped, no update (trainer.nonfinite=skip)", flush=True)
+        return True
 
     def log_probs(self, which: str, batch: RolloutBatch, plan: BatchPlan,
                   with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""Ray placement: one bundle per device, one hybrid worker per bundle, ranks in node order.
+"""Ray placement: one bundle per node, `devices_per_node` hybrid workers per bundle, ranks in node order.
 
 The driver joins an existing Ray cluster when `RAY_ADDRESS` is set and starts a local one
 otherwise. Before any worker starts, `check_fits` compares what the config asks for
@@ -6,20 +6,35 @@ otherwise. Before any worker starts, `check_fits` compares what the config asks 
 what the cluster's alive nodes offer, and fails with both numbers, so an impossible run never
 half-starts.
 
-One placement group holds every bundle (PACK: fill a node before the next). Ranks are given in
-node order, so consecutive ranks - Megatron's TP groups and vLLM's TP replicas - share a node.
-Rank 0's node provides the torch.distributed rendezvous address. Each worker gets RANK,
-WORLD_SIZE and LOCAL_RANK; on GPU, Ray makes exactly one device visible to each worker, which
-is therefore device 0 inside the process.
+One placement group holds one bundle of `devices_per_node` devices per node, STRICT_SPREAD: the
+run occupies exactly `nnodes` distinct nodes with `devices_per_node` ranks each, as configured
+(PACK would fold a 2 x 4 layout onto one 8-device node, silently changing what crosses the
+network). Ranks are given node by node, so consecutive ranks - Megatron's TP groups and vLLM's
+TP replicas - share a node. Rank 0's node provides the torch.distributed rendezvous address.
+Each worker gets RANK, WORLD_SIZE and LOCAL_RANK; on GPU, Ray makes exactly one device visible
+to each worker, which is therefore device 0 inside the process.
+
+Failures stop the run, they never hang it: every call is awaited by `failures.wait_all`, which
+ends as soon as any worker dies or raises (its peers would wait for it in a collective forever)
+or when the call outlasts `trainer.worker_timeout_s`, with a `WorkerFailure` naming the rank, its
+pid and node (recorded at start-up: `placement`, `write_placement`) and the method. `shutdown`
+then kills the workers instead of asking stuck processes to close.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mcore_r1.config.schema import Config
+# WorkerFailure and WorkerTimeout are part of this module's interface (callers catch them here).
+from mcore_r1.trainer.failures import WorkerFailure, WorkerTimeout, wait_all  # noqa: F401
+
+
+PG_READY_S = 600.0  # how long the devices may take to become free for the run
 
 
 class PlacementError(RuntimeError):
@@ -81,64 +96,149 @@ class WorkerGroup:
 
     def __init__(self, cfg: Config, model_dir: str, use_gpu: bool):
         import ray
-        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.placement_group import (placement_group, placement_group_table,
+                                              remove_placement_group)
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from mcore_r1.workers.hybrid import HybridWorker
 
         t = cfg.trainer
         check_fits(t.nnodes, t.devices_per_node, alive_nodes(), use_gpu)
-        self.world = t.nnodes * t.devices_per_node
-        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy="PACK")
-        ray.get(self.pg.ready(), timeout=600)
-        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
-        order = sorted(range(self.world), key=lambda b: (nodes[b], b))
+        world, per_node = t.nnodes * t.devices_per_node, t.devices_per_node
+        node_bundle = {"GPU": per_node, "CPU": per_node} if use_gpu else {"CPU": per_node}
+        pg = placement_group([dict(node_bundle) for _ in range(t.nnodes)], strategy="STRICT_SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=PG_READY_S)
+        except ray.exceptions.GetTimeoutError:
+            # check_fits saw the nodes' totals; the devices may still be held by another job.
+            remove_placement_group(pg)
+            raise PlacementError(
+                f"{t.nnodes} node(s) with {per_node} free {'GPU' if use_gpu else 'CPU'} each did not "
+                f"become available within {PG_READY_S:g} s; is another job holding them? "
+                "(`ray status` shows the usage)") from None
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
         actor = ray.remote(HybridWorker)
-        self.workers = []
-        local_count: dict[str, int] = {}
-        for rank, b in enumerate(order):
-            local = local_count.get(nodes[b], 0)
-            local_count[nodes[b]] = local + 1
-            env = {"RANK": str(rank), "WORLD_SIZE": str(self.world),
+        workers = []
+        for rank in range(world):
+            node, local = divmod(rank, per_node)
+            env = {"RANK": str(rank), "WORLD_SIZE": str(world),
                    "LOCAL_RANK": "0" if use_gpu else str(local), "MCORE_R1_RAY_WORKER": "1"}
-            self.workers.append(actor.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+            workers.append(actor.options(
+                num_cpus=1, num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=b),
-            ).remote(cfg, model_dir, env, bundle["CPU"]))
-        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
-        self.call("set_rendezvous", addr, port)
+                    placement_group=pg, placement_group_bundle_index=node),
+            ).remote(cfg, model_dir, env, 1))
+        ips = {n.node_id: n.address for n in alive_nodes()}
+        try:
+            self._adopt(workers, "HybridWorker", t.worker_timeout_s, pg,
+                        [nodes[rank // per_node] for rank in range(world)], ips)
+            addr, port = self._wait([self.workers[0].rendezvous_address.remote()],
+                                    "rendezvous_address", ranks=[0])[0]
+            self.call("set_rendezvous", addr, port)
+        except BaseException:
+            # The caller gets no group to shut down: release the actors and the bundles here.
+            self.failure = self.failure or WorkerFailure("start-up failed")
+            self.shutdown()
+            raise
+
+    @classmethod
+    def from_actors(cls, actors: Sequence[Any], name: str, timeout_s: float) -> "WorkerGroup":
+        """A group of already created Ray actors (no placement group): for tests."""
+        group = cls.__new__(cls)
+        group._adopt(list(actors), name, timeout_s, None, [None] * len(actors), {})
+        return group
+
+    def _adopt(self, workers: list, name: str, timeout_s: float, pg: Any,
+               node_ids: Sequence[Optional[str]], ips: dict) -> None:
+        """Take the actors as ranks 0..n-1 and record where each one runs (waits for them to start)."""
+        self.workers, self.name, self.timeout_s, self.pg = workers, name, timeout_s, pg
+        self.world = len(workers)
+        self.failure: Optional[WorkerFailure] = None
+        # Known before the actors answer, so a worker that dies while starting is still named.
+        self.placement: list[dict] = [{"rank": r, "node_id": n, "node_ip": ips.get(n), "pid": None}
+                                      for r, n in enumerate(node_ids)]
+        # `__ray_call__` runs a function on the actor's process without a dedicated method.
+        located = self._wait([w.__ray_call__.remote(_whereabouts) for w in workers], "start-up")
+        for entry, where in zip(self.placement, located):
+            entry.update(where)
+
+    # -- calls --------------------------------------------------------------------------------
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list:
         """`method(*args)` on every worker at once; results in rank order."""
-        import ray
-
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        self._check_usable(method)
+        return self._wait([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method)
 
     def call_each(self, method: str, per_rank_args: Sequence[tuple]) -> list:
         """`method(*per_rank_args[r])` on worker r, all at once; results in rank order."""
-        import ray
+        self._check_usable(method)
+        return self._wait([getattr(w, method).remote(*a) for w, a in zip(self.workers, per_rank_args)],
+                          method)
 
-        return ray.get([getattr(w, method).remote(*a) for w, a in zip(self.workers, per_rank_args)])
+    def _check_usable(self, method: str) -> None:
+        # After a failure the surviving workers sit in a collective that will never complete; a
+        # new call would queue behind it (or enter a collective alone) and wait for the timeout.
+        if self.failure is not None:
+            raise self.failure.with_context(f"not calling {self.name}.{method}: the workers failed earlier")
+
+    def _wait(self, refs: list, method: str, ranks: Optional[Sequence[int]] = None) -> list:
+        try:
+            return wait_all(refs, ranks, method, self.name, self.placement, self.timeout_s)
+        except BaseException as err:
+            # Also an interrupt (second Ctrl-C): the workers are mid-call, so shutdown must kill.
+            self.failure = err if isinstance(err, WorkerFailure) else WorkerFailure(
+                f"call to {self.name}.{method} interrupted ({type(err).__name__})", method=method)
+            raise
+
+    # -- where the workers run ------------------------------------------------------------------
+
+    def describe_placement(self) -> str:
+        """One line per rank: node address and id, pid."""
+        return "\n".join(f"rank {p['rank']}: node {p['node_ip']} ({(p['node_id'] or '?')[:12]}), "
+                         f"pid {p['pid']}" for p in self.placement)
+
+    def write_placement(self, path: os.PathLike) -> None:
+        """The placement as JSON (`{"world", "nodes", "ranks": [{rank, node_id, node_ip, pid}]}`),
+        written atomically so a reader never sees half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"world": self.world,
+                                   "nodes": len({p["node_id"] for p in self.placement}),
+                                   "ranks": self.placement}, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    # -- shutdown -------------------------------------------------------------------------------
 
     def shutdown(self, timeout_s: float = 120.0) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            ray.get([w.close.remote() for w in self.workers], timeout=timeout_s)
-            # Let the processes exit normally rather than be killed: vLLM's CPU shared-memory
-            # communicator (rollout.tp > 1) removes its /dev/shm segments only on a normal exit,
-            # and a leftover segment makes the next run's engine fail with errno 17.
-            for w in self.workers:
-                w.__ray_terminate__.remote()
-            _wait_until_dead(self.workers, timeout_s)
-        except Exception as err:  # noqa: BLE001 - shutting down anyway; say why
-            print(f"mcore_r1: workers did not close cleanly: {err}", flush=True)
+        if self.failure is None:
+            try:
+                ray.get([w.close.remote() for w in self.workers], timeout=timeout_s)
+                # Let the processes exit normally rather than be killed: vLLM's CPU shared-memory
+                # communicator (rollout.tp > 1) removes its /dev/shm segments only on a normal exit,
+                # and a leftover segment makes the next run's engine fail with errno 17.
+                for w in self.workers:
+                    w.__ray_terminate__.remote()
+                _wait_until_dead(self.workers, timeout_s)
+            except Exception as err:  # noqa: BLE001 - shutting down anyway; say why
+                print(f"mcore_r1: workers did not close cleanly: {err}", flush=True)
+        # After a failure the survivors are stuck in collectives and would never answer `close`:
+        # kill them straight away (bounded; may leave vLLM /dev/shm segments with rollout.tp > 1).
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+
+
+def _whereabouts(_worker: Any) -> dict:
+    """Run inside a worker (via `__ray_call__`): the node and process it lives in."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
 
 def _wait_until_dead(actors: Sequence[Any], timeout_s: float) -> None:

@@ -117,13 +117,15 @@ def run_training(cfg: Config) -> RunResult:
         try:
             infos = workers.call("setup", total_updates(cfg), max_images)
             run_dir.mkdir(parents=True, exist_ok=True)
+            workers.write_placement(run_dir / "placement.json")
             keep_metrics_until(run_dir / "metrics.jsonl", start_step)
             logger = MetricsLogger(run_dir, cfg.logger.backends, t.total_steps, start_step=start_step,
                                    log_every=cfg.logger.log_every)
             trainer = Trainer(cfg, workers, infos, rewards, train_set, val_set, sampler, run_dir,
                               checkpoints if t.save_checkpoints else None, model_dir, run_id)
             logger.write(f"run {run_id}: directory {run_dir}\nmodel: {model_dir}\n"
-                         + describe_batches(cfg, infos[0].dp_size, infos[0].num_replicas))
+                         + describe_batches(cfg, infos[0].dp_size, infos[0].num_replicas)
+                         + "\n" + workers.describe_placement())
             if resume_from is not None:
                 trainer.resume(resume_from)
                 logger.write(f"resumed from {resume_from} at step {start_step}")
