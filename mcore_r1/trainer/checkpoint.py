@@ -204,6 +204,9 @@ class CheckpointManager:
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
+    def free_mib(self) -> float:
+        return shutil.disk_usage(self.root).free / 2**20
+
     def describe_previous(self, exclude: Optional[str] = None) -> str:
         """Where the newest complete checkpoint is, for messages after a failed save."""
         name = self.pointer("latest")

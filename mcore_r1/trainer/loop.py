@@ -210,9 +210,14 @@ class Trainer:
                 self.workers.call("save_checkpoint", str(staging))
                 final = self.checkpoints.finish(staging, step, self.state_dict(step), self.model_dir)
             except Exception as err:
+                # Measured before the partial files are removed: a full disk is the usual cause,
+                # and torch's writer reports it only as "unexpected pos" in its zip container.
+                free = self.checkpoints.free_mib()
                 self.checkpoints.abandon(staging)
-                raise CheckpointError(f"saving the checkpoint of step {step} failed ({err}); "
-                                      f"{self.checkpoints.describe_previous()}") from err
+                raise CheckpointError(
+                    f"saving the checkpoint of step {step} failed ({err}); {free:.1f} MiB free on "
+                    f"the filesystem of {self.checkpoints.root}; {self.checkpoints.describe_previous()}"
+                ) from err
         logger.write(f"checkpoint: {final} ({timer.seconds['save']:.1f} s)")
 
     def resume(self, path: Path) -> int:
