@@ -47,6 +47,7 @@ class Trainer:
         self.run_dir, self.checkpoints, self.model_dir, self.run_id = run_dir, checkpoints, model_dir, run_id
         self.stop_signal: Optional[int] = None  # set by the signal handler: stop after this step
         self.timer = PhaseTimer()  # the current step's: names the phase a failure came from
+        self.current_step = 0
         self.last_val: dict = {}
         self.train_set, self.val_set, self.sampler = train_set, val_set, sampler
         self.rollout = Rollout(workers, infos, rewards, cfg)

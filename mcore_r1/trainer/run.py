@@ -72,8 +72,8 @@ def stop_on_signals(trainer):
         if trainer.stop_signal is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without saving")
         trainer.stop_signal = signum
-        print(f"\nmcore_r1: {signal.Signals(signum).name} received: finishing step "
-              f"{trainer.current_step + 1}, saving a checkpoint, then stopping (send it again to "
+        print(f"\nmcore_r1: {signal.Signals(signum).name} received: finishing the current step "
+              f"({trainer.current_step}), saving a checkpoint, then stopping (send it again to "
               "abort at once)", flush=True)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
