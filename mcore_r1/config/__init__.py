@@ -15,13 +15,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mcore_r1.config.schema import SCHEMAS, Config, EvalConfig, field_docs
-from mcore_r1.config.validate import ConfigError, resolve_model_dir, resolve_model_shape, validate
+from mcore_r1.config.validate import (
+    ConfigError, resolve_model_dir, resolve_model_hf_config, resolve_model_shape, validate,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 __all__ = [
     "CONF_DIR", "Config", "ConfigError", "EvalConfig", "SCHEMAS", "compose", "experiment_names", "field_docs",
-    "register_configs", "resolve_model_dir", "resolve_model_shape", "to_config", "validate",
+    "register_configs", "resolve_model_dir", "resolve_model_hf_config", "resolve_model_shape", "to_config",
+    "validate",
 ]
 
 

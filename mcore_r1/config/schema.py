@@ -30,6 +30,7 @@ def knob(default: Any, doc: str, **kwargs: Any) -> Any:
 @dataclass
 class ModelConfig:
     path: str = knob("", "Hugging Face checkpoint directory (config.json, weights, tokenizer); empty = the tiny model's cache directory")
+    config: Optional[str] = knob(None, "The model's HF config for planning and validation before the checkpoint is on disk: a name under conf/hf_configs/ (e.g. Qwen2.5-VL-7B-Instruct) or a config.json path; used only when `path` has no config.json, and must agree with it when it has one")
     tiny: Optional[str] = knob(None, "Offline tiny model built on first use when `path` is empty: qwen2, qwen3, llama3, qwen2_vl, qwen2_5_vl")
     warm_start: Optional[str] = knob(None, "Tiny models only: first teach the answer format (not the answers) of this synthetic task, counting or arithmetic, by a short SFT with random answers")
     architecture: Optional[str] = knob(None, "Override of the HF `architectures[0]`; normally read from config.json")
@@ -169,6 +170,8 @@ class TrainerConfig:
     resume: str = knob("auto", "auto (the newest complete checkpoint in output_dir, if any), off, or a checkpoint path")
     nonfinite: str = knob("skip", "NaN/Inf in the loss or gradient norm: skip (drop that update, count it) or stop (fail naming the metric)")
     worker_timeout_s: float = knob(1800.0, "Seconds any single call to the workers may take before the run stops with the worker and phase named")
+    optimizer_offload_fraction: float = knob(0.0, "GPU runs: share of the distributed optimizer's fp32 state (master weights, Adam moments) kept and stepped in host memory by Megatron's HybridDeviceOptimizer, 0..1; ignored on CPU")
+    gpu_memory_gib: float = knob(80.0, "Memory of one accelerator in GiB, the budget tools/plan.py checks a layout against (not read at run time)")
 
 
 @dataclass

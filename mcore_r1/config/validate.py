@@ -10,12 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mcore_r1.config.schema import Config, ModelConfig
-from mcore_r1.models.registry import (
-    ModelShape,
-    UnknownArchitectureError,
-    read_hf_config,
-    shape_from_hf_config,
-)
+from mcore_r1.models.registry import ModelShape, UnknownArchitectureError, shape_from_hf_config
 from mcore_r1.parallel.device import cuda_available
 from mcore_r1.parallel.dims import LayoutError, ParallelDims
 
@@ -59,13 +54,18 @@ def ensure_model_dir(model: ModelConfig, data: Optional[Any] = None) -> Path:
     return model_dir
 
 
-def resolve_model_shape(model: ModelConfig, data: Optional[Any] = None) -> ModelShape:
-    """Read the shape from config.json, or from the tiny model's spec before it is built."""
+def resolve_model_hf_config(model: ModelConfig, data: Optional[Any] = None) -> tuple[dict, str]:
+    """(HF config dict, its source): the checkpoint's config.json, else `model.config`'s shipped
+    config (see `model_source`), else the tiny model's spec before it is built."""
+    from mcore_r1.config.model_source import ModelSourceError, model_hf_config
+
     model_dir = resolve_model_dir(model, data)
-    if (model_dir / "config.json").is_file():
-        return shape_from_hf_config(
-            read_hf_config(model_dir), model.architecture, source=str(model_dir / "config.json")
-        )
+    try:
+        hf, source = model_hf_config(model, model_dir)
+    except ModelSourceError as err:
+        raise ConfigError([f"model: {err}"]) from err
+    if hf is not None:
+        return hf, source
     if model.tiny and not model.path:
         from mcore_r1.models.tiny import TINY_ARCHITECTURES, tiny_hf_config
 
@@ -73,15 +73,34 @@ def resolve_model_shape(model: ModelConfig, data: Optional[Any] = None) -> Model
             raise ConfigError(
                 [f"model.tiny={model.tiny!r} is not a tiny model; known: {', '.join(TINY_ARCHITECTURES)}"]
             )
-        return shape_from_hf_config(
-            tiny_hf_config(model.tiny).to_dict(),
-            model.architecture or TINY_ARCHITECTURES[model.tiny],
-            source=f"tiny model {model.tiny!r}",
-        )
-    raise ConfigError([f"model.path={str(model_dir)!r} has no config.json"])
+        hf = tiny_hf_config(model.tiny).to_dict()
+        if not hf.get("architectures"):
+            hf["architectures"] = [TINY_ARCHITECTURES[model.tiny]]
+        return hf, f"tiny model {model.tiny!r}"
+    raise ConfigError([source])
 
 
-def _layout_problems(cfg: Config, shape: Optional[ModelShape]) -> list[str]:
+def resolve_model_shape(model: ModelConfig, data: Optional[Any] = None) -> ModelShape:
+    """The shape the layout is checked against (see `resolve_model_hf_config`)."""
+    hf, source = resolve_model_hf_config(model, data)
+    return shape_from_hf_config(hf, model.architecture, source=source)
+
+
+def _checkpoint_problems(cfg: Config) -> list[str]:
+    """What a run on this machine needs beyond a plannable config: the weights themselves."""
+    model = cfg.model
+    if model.tiny and not model.path:
+        return []  # built on first use
+    model_dir = resolve_model_dir(model, cfg.data)
+    if (model_dir / "config.json").is_file():
+        return []
+    hint = (f" (model.config={model.config!r} describes the model for planning only)"
+            if model.config else "")
+    return [f"model.path={str(model_dir)!r} holds no checkpoint (no config.json){hint}; download it, "
+            f"e.g. `huggingface-cli download <hub name> --local-dir DIR`, and set model.path=DIR"]
+
+
+def _layout_problems(cfg: Config, shape: Optional[ModelShape], local_run: bool) -> list[str]:
     problems: list[str] = []
     p, t = cfg.parallel, cfg.trainer
     world = t.nnodes * t.devices_per_node
@@ -100,9 +119,14 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape]) -> list[str]:
                 f"divisible by TP={p.tp} ({shape.vision_num_heads} % {p.tp} = "
                 f"{shape.vision_num_heads % p.tp})"
             )
+        if shape.vision_ffn is not None and shape.vision_ffn % p.tp:
+            problems.append(
+                f"parallel: the vision tower's MLP width {shape.vision_ffn} is not divisible by "
+                f"TP={p.tp} ({shape.vision_ffn} % {p.tp} = {shape.vision_ffn % p.tp})"
+            )
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if p.sequence_parallel and not cuda_available():
+    if p.sequence_parallel and local_run and not cuda_available():
         # Megatron's torch-native norms refuse sequence parallelism; TE/Apex norms need CUDA.
         problems.append("parallel.sequence_parallel=true needs TransformerEngine or Apex (GPU)")
     if p.vpp is not None and (p.pp == 1 or (shape and shape.num_layers % (p.pp * p.vpp))):
@@ -121,6 +145,11 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape]) -> list[str]:
         problems.append(
             f"rollout.tp={r.tp} does not divide the model's {shape.num_attention_heads} "
             "attention heads (vLLM shards heads)"
+        )
+    elif shape is not None and shape.vision_ffn is not None and shape.vision_ffn % r.tp:
+        problems.append(
+            f"rollout.tp={r.tp} does not divide the vision tower's MLP width {shape.vision_ffn} "
+            f"({shape.vision_ffn} % {r.tp} = {shape.vision_ffn % r.tp}; vLLM shards it too)"
         )
     responses = cfg.data.prompts_per_step * r.n
     mini = t.mini_batch_size
@@ -170,6 +199,11 @@ def _value_problems(cfg: Config) -> list[str]:
         (cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"model.dtype={cfg.model.dtype!r} must be auto, float32, bfloat16 or float16"),
         (cfg.rollout.engine == "vllm", f"rollout.engine={cfg.rollout.engine!r}: only vllm exists"),
+        (0.0 <= t.optimizer_offload_fraction <= 1.0,
+         f"trainer.optimizer_offload_fraction={t.optimizer_offload_fraction} must be in [0, 1]"),
+        (t.gpu_memory_gib > 0, f"trainer.gpu_memory_gib={t.gpu_memory_gib} must be > 0"),
+        (0 < r.gpu_memory_utilization <= 1,
+         f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]"),
     ]
     unknown_backends = set(cfg.logger.backends) - {"console", "jsonl", "tensorboard"}
     checks.append((not unknown_backends,
@@ -271,8 +305,13 @@ def _algorithm_problems(cfg: Config) -> list[str]:
     return [msg for ok, msg in checks if not ok]
 
 
-def validate(cfg: Config) -> ModelShape:
-    """Check `cfg` and return the model shape it was checked against; raise `ConfigError`."""
+def validate(cfg: Config, local_run: bool = False) -> ModelShape:
+    """Check `cfg` and return the model shape it was checked against; raise `ConfigError`.
+
+    `local_run=True` (the trainer's entry point) adds what running on *this* machine needs: the
+    checkpoint on disk (not just `model.config`) and GPU-only features being available. Without
+    it a config can be checked for a cluster from a laptop (`tools/plan.py`, the tests).
+    """
     problems: list[str] = []
     shape: Optional[ModelShape] = None
     try:
@@ -281,7 +320,9 @@ def validate(cfg: Config) -> ModelShape:
         problems.extend(err.problems)
     except (UnknownArchitectureError, FileNotFoundError, KeyError, ValueError) as err:
         problems.append(f"model: {err.args[0] if err.args else err}")
-    problems.extend(_layout_problems(cfg, shape))
+    if local_run and shape is not None:
+        problems.extend(_checkpoint_problems(cfg))
+    problems.extend(_layout_problems(cfg, shape, local_run))
     problems.extend(_value_problems(cfg))
     problems.extend(_data_reward_problems(cfg))
     problems.extend(_algorithm_problems(cfg))

@@ -36,6 +36,7 @@ class ModelShape:
     num_query_groups: int
     vocab_size: int
     vision_num_heads: Optional[int] = None
+    vision_ffn: Optional[int] = None  # the vision MLP's width: split over TP like the heads
 
     @property
     def family(self) -> str:
@@ -96,4 +97,14 @@ def shape_from_hf_config(
         num_query_groups=text.get("num_key_value_heads") or heads,
         vocab_size=text.get("vocab_size") or need(hf, "vocab_size", ""),
         vision_num_heads=vision.get("num_heads") if vision else None,
+        vision_ffn=_vision_ffn(vision) if vision else None,
     )
+
+
+def _vision_ffn(vision: dict[str, Any]) -> Optional[int]:
+    """Qwen2.5-VL names it `intermediate_size`; Qwen2-VL gives `embed_dim x mlp_ratio`."""
+    if "intermediate_size" in vision:
+        return vision["intermediate_size"]
+    if "embed_dim" in vision and "mlp_ratio" in vision:
+        return int(vision["embed_dim"] * vision["mlp_ratio"])
+    return None

@@ -29,7 +29,10 @@ def rope_parameters(hf_text: dict[str, Any]) -> dict[str, Any]:
 def inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
     """Inverse frequencies for `head_dim` (float32), default or llama3-scaled."""
     base = float(params["rope_theta"])
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # Computed on the CPU whatever the ambient default device (a meta-device build included:
+    # `install_inv_freq` copies them into the model's own buffer).
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    freqs = 1.0 / (base ** (steps.float() / head_dim))
     kind = params["rope_type"]
     if kind in ("default", "mrope"):
         return freqs

@@ -315,11 +315,17 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, tot
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                     use_distributed_optimizer=on_gpu), model)
+    # Host offload of the optimizer state (GPU only): Megatron's HybridDeviceOptimizer keeps the
+    # fp32 master weights and Adam moments of that share on the CPU; it rides on the
+    # precision-aware code path, so no second fp32 copy stays on the GPU.
+    offload = t.optimizer_offload_fraction if on_gpu else 0.0
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=lr, min_lr=min(t.min_lr, lr), weight_decay=t.weight_decay,
                         clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16,
                         fp16=dtype == torch.float16, params_dtype=dtype,
-                        use_distributed_optimizer=on_gpu), [ddp])
+                        use_distributed_optimizer=on_gpu, optimizer_cpu_offload=offload > 0,
+                        optimizer_offload_fraction=offload,
+                        use_precision_aware_optimizer=offload > 0), [ddp])
     # Megatron's schedule all-reduces DP gradients (and tied embeddings over PP) through these.
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.grad_scale_func = optimizer.scale_loss
