@@ -26,7 +26,7 @@ from mcore_r1.config import CONF_DIR, ConfigError, register_configs, to_config, 
 def _run(cfg: DictConfig) -> None:
     config = to_config(cfg)
     try:
-        shape = validate(config, local_run=True)
+        validate(config, local_run=True)
     except ConfigError as err:
         print(f"mcore_r1: {err}", file=sys.stderr)
         sys.exit(2)

@@ -59,19 +59,6 @@ def default_cache_dir() -> Path:
     return base / "eval"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def publish_dir(files: dict[str, str], target: Path) -> None:
     """Create directory `target` holding `files` (name -> text) in one rename."""
     target.parent.mkdir(parents=True, exist_ok=True)

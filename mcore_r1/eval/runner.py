@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from mcore_r1.eval.cache import (cache_key, dataset_fingerprint, default_cache_dir, file_sha256_if_path,
-                                 model_fingerprint, publish_dir, write_atomic)
+                                 model_fingerprint, publish_dir)
 from mcore_r1.eval.metrics import summarize
+from mcore_r1.files import write_atomic
 
 log = logging.getLogger("mcore_r1.eval")
 

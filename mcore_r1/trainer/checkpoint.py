@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from mcore_r1.files import write_atomic
+
 log = logging.getLogger("mcore_r1.checkpoint")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -48,16 +50,6 @@ class CheckpointError(RuntimeError):
 
 def step_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so a reader sees the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

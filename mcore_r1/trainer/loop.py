@@ -21,7 +21,6 @@ and saves first.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -35,9 +34,6 @@ from mcore_r1.trainer.checkpoint import CheckpointError, CheckpointManager
 from mcore_r1.trainer.metrics import MetricsLogger, PhaseTimer
 from mcore_r1.trainer.placement import first_of
 from mcore_r1.trainer.rollout import Rollout
-
-log = logging.getLogger("mcore_r1.trainer")
-
 
 class Trainer:
     def __init__(self, cfg: Config, workers, infos, rewards, train_set, val_set, sampler, run_dir: Path,
@@ -221,30 +217,25 @@ class Trainer:
                 ) from err
         logger.write(f"checkpoint: {final} ({timer.seconds['save']:.1f} s)")
 
-    def resume(self, path: Path) -> int:
-        """Load the checkpoint at `path` into the workers and the driver; returns its step."""
-        from mcore_r1.trainer.checkpoint import read_state
-
-        state = read_state(path)
+    def resume(self, path: Path, state: dict) -> None:
+        """Load the checkpoint at `path` (whose trainer_state.json is `state`) into the workers
+        and the driver."""
         notes = [n for n in self.workers.call("load_checkpoint", str(path)) if n]
         for note in notes:
             print(f"mcore_r1: {note}", flush=True)
         self.load_state_dict(state)
-        return int(state["step"])
 
 
 def write_generations(path: Path, batch: RolloutBatch) -> None:
     """One JSON line per response (source row, answer, response, rewards), written atomically."""
     import json
-    import os
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for item, text, reward, finish in zip(batch.items, batch.texts, batch.rewards, batch.finish):
-            f.write(json.dumps({"source": item.where, "answer": item.answer, "response": text,
-                                "finish_reason": finish, "rewards": reward}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from mcore_r1.files import write_atomic
+
+    write_atomic(path, "".join(
+        json.dumps({"source": item.where, "answer": item.answer, "response": text,
+                    "finish_reason": finish, "rewards": reward}, ensure_ascii=False) + "\n"
+        for item, text, reward, finish in zip(batch.items, batch.texts, batch.rewards, batch.finish)))
 
 
 def response_metrics(batch: RolloutBatch, mask: torch.Tensor, entropy: torch.Tensor) -> dict:

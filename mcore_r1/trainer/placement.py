@@ -200,13 +200,11 @@ class WorkerGroup:
     def write_placement(self, path: os.PathLike) -> None:
         """The placement as JSON (`{"world", "nodes", "ranks": [{rank, node_id, node_ip, pid}]}`),
         written atomically so a reader never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"world": self.world,
-                                   "nodes": len({p["node_id"] for p in self.placement}),
-                                   "ranks": self.placement}, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        from mcore_r1.files import write_atomic
+
+        write_atomic(Path(path), json.dumps({"world": self.world,
+                                             "nodes": len({p["node_id"] for p in self.placement}),
+                                             "ranks": self.placement}, indent=1) + "\n")
 
     # -- shutdown -------------------------------------------------------------------------------
 

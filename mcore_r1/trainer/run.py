@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from mcore_r1.config.schema import Config
-from mcore_r1.trainer.checkpoint import CheckpointManager, read_state, write_atomic
+from mcore_r1.files import write_atomic
+from mcore_r1.trainer.checkpoint import CheckpointManager, read_state
 
 
 @dataclass
@@ -127,7 +128,7 @@ def run_training(cfg: Config) -> RunResult:
                          + describe_batches(cfg, infos[0].dp_size, infos[0].num_replicas)
                          + "\n" + workers.describe_placement())
             if resume_from is not None:
-                trainer.resume(resume_from)
+                trainer.resume(resume_from, state)
                 logger.write(f"resumed from {resume_from} at step {start_step}")
             with stop_on_signals(trainer):
                 last = trainer.fit(logger, start_step)

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence as Seq
+from typing import Optional, Sequence as Seq
 
 import torch
 
@@ -349,7 +349,8 @@ def guarded_step(optimizer, name: str, loss: float, policy: str) -> tuple[bool, 
     (`coeff < 1` is false for NaN) and Adam would write NaN into every weight. The norm is
     reduced over the model-parallel group and the gradients over DP, so all ranks agree on the
     decision. `policy` skip drops the update (the scheduler still advances, as for an fp16
-    overflow); stop raises naming the metric.
+    overflow); stop raises naming the metric. Megatron's `step()` computes the norm again for
+    clipping: one extra reduction, kept so its distributed-optimizer and offload paths stay its own.
     """
     import torch.distributed as dist
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from mcore_r1.trainer.metrics import read_metrics
-from tests.trainer.processes import kill_session
+from tests.trainer.processes import stop_session
 from tests.trainer.test_presets import SHORT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,16 +142,6 @@ def slurm_conf(base: Path, hardware: str, nodes: dict[str, int]) -> str:
     ]) + "\n"
 
 
-def stop_daemon(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    kill_session(proc.pid)
-
-
 @dataclass
 class Cluster:
     env: dict       # for Slurm commands (SLURM_CONF)
@@ -214,7 +204,7 @@ def slurm():
                     timeout=30).stdout.strip():
                 time.sleep(1)
         for proc in reversed(daemons):
-            stop_daemon(proc)
+            stop_session(proc, drain_s=0)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -4,6 +4,8 @@ be found and stopped without touching other Ray runs on the machine."""
 
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -32,3 +34,18 @@ def kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float = 30, drain_s: float = 10) -> None:
+    """SIGTERM to `proc` (a session leader: a Ray node, a daemon), up to `grace_s` for it to exit,
+    SIGKILL if not; then up to `drain_s` for the rest of its session, and SIGKILL what remains."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    deadline = time.monotonic() + drain_s
+    while session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    kill_session(proc.pid)

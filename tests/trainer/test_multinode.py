@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 
 from mcore_r1.trainer.metrics import read_metrics
 from tests.trainer.test_presets import SHORT
-from tests.trainer.processes import kill_session, session_pids
+from tests.trainer.processes import stop_session
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -49,20 +48,6 @@ def wait_for_nodes(address: str, count: int, env: dict, timeout_s: float = 120) 
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                          timeout=timeout_s + 60)
     assert out.returncode == 0, out.stderr[-3000:]
-
-
-def stop_node(node: subprocess.Popen) -> None:
-    """SIGTERM to `ray start --block` drains and stops its node; SIGKILL whatever remains."""
-    if node.poll() is None:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            node.kill()
-    deadline = time.monotonic() + 10
-    while session_pids(node.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    kill_session(node.pid)
 
 
 @pytest.fixture
@@ -102,7 +87,7 @@ def two_node_cluster(tmp_path):
         yield address, env
     finally:
         for node in reversed(nodes):
-            stop_node(node)
+            stop_session(node, grace_s=40)  # `ray start --block` drains its node on SIGTERM
         for f in logs:
             f.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
