@@ -9,7 +9,6 @@ hangs or dies fails the test with its rank named instead of stalling the suite.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -18,11 +17,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def _entry(rank, world_size, port, out_dir, fn, args):

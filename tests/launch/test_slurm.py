@@ -15,8 +15,8 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from mcore_r1.trainer.metrics import read_metrics
+from tests.ports import free_port, free_port_range, free_ports
 from tests.trainer.processes import stop_session
 from tests.trainer.test_presets import SHORT
 
@@ -39,12 +40,6 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 def which(name: str) -> str | None:
     return shutil.which(name, path=SEARCH_PATH)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, chars: int = 3000) -> str:
@@ -165,7 +160,7 @@ def slurm():
     slurm_started = False
     try:
         host = socket.gethostname().split(".")[0]
-        nodes = {host: free_port(), f"{host}-2": free_port()}
+        nodes = dict(zip((host, f"{host}-2"), free_ports(2)))
         for d in ("state", "logs", *(f"spool_{n}" for n in nodes)):
             (base / d).mkdir()
         munged = start_munged(logs)
@@ -235,14 +230,15 @@ def job_info(env: dict, job_id: str) -> dict:
 
 
 def fixed_ports() -> dict[str, str]:
-    """Every port the launcher sets, explicitly, free on this machine."""
-    first = free_port()
-    ports = {f"MCORE_R1_RAY_{name}_PORT": str(free_port()) for name in (
-        "NODE_MANAGER", "OBJECT_MANAGER", "RUNTIME_ENV_AGENT", "DASHBOARD_AGENT_GRPC",
-        "METRICS_EXPORT", "DASHBOARD_AGENT_LISTEN")}
-    # The workers' range: next to a free port (another Ray on the machine uses 10002-19999).
-    ports.update(MCORE_R1_RAY_MIN_WORKER_PORT=str(first),
-                 MCORE_R1_RAY_MAX_WORKER_PORT=str(min(first + 200, 65535)))
+    """Every port the launcher sets, explicitly: distinct, free on this machine, and none
+    inside the workers' range (Ray refuses to start on such an overlap)."""
+    names = ("PORT", "DASHBOARD_PORT", "CLIENT_SERVER_PORT", "NODE_MANAGER_PORT",
+             "OBJECT_MANAGER_PORT", "RUNTIME_ENV_AGENT_PORT", "DASHBOARD_AGENT_GRPC_PORT",
+             "METRICS_EXPORT_PORT", "DASHBOARD_AGENT_LISTEN_PORT")
+    ports = {f"MCORE_R1_RAY_{name}": str(port)
+             for name, port in zip(names, free_ports(len(names)))}
+    first, last = free_port_range(200)
+    ports.update(MCORE_R1_RAY_MIN_WORKER_PORT=str(first), MCORE_R1_RAY_MAX_WORKER_PORT=str(last))
     return ports
 
 
@@ -276,10 +272,9 @@ class Job:
             "MCORE_R1_RAY_STOP": "0",
             "MCORE_R1_LOG_DIR": str(self.log_dir),
             "MCORE_R1_RAY_TMPDIR": str(self.ray_tmp),
-            # Head-only ports, free on this machine.
-            "MCORE_R1_RAY_PORT": str(free_port()),
-            "MCORE_R1_RAY_DASHBOARD_PORT": str(free_port()),
-            "MCORE_R1_RAY_CLIENT_SERVER_PORT": str(free_port()),
+            # Head-only ports, free on this machine (fixed_ports() sets its own).
+            **dict(zip(("MCORE_R1_RAY_PORT", "MCORE_R1_RAY_DASHBOARD_PORT",
+                        "MCORE_R1_RAY_CLIENT_SERVER_PORT"), map(str, free_ports(3)))),
             **ports,
             **extra_env,
         }

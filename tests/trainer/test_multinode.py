@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,12 @@ from pathlib import Path
 import pytest
 
 from mcore_r1.trainer.metrics import read_metrics
-from tests.trainer.test_presets import SHORT
+from tests.ports import free_ports
 from tests.trainer.processes import stop_session
+from tests.trainer.test_presets import SHORT
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_nodes(address: str, count: int, env: dict, timeout_s: float = 120) -> None:
@@ -58,12 +52,12 @@ def two_node_cluster(tmp_path):
     # Ray's head turns on token authentication by itself when ~/.ray/auth_token exists, but a
     # joining node does not, and is then refused: say it explicitly for every process.
     env["RAY_AUTH_MODE"] = "disabled"
-    port = free_port()
+    port, dashboard_port, client_port, *agent_ports = free_ports(5)
     address = f"127.0.0.1:{port}"
 
     def node_args() -> list[str]:  # one CPU each; its own agent port (the default is fixed)
         return ["--num-cpus", "1", "--disable-usage-stats", "--block",
-                "--dashboard-agent-listen-port", str(free_port())]
+                "--dashboard-agent-listen-port", str(agent_ports.pop())]
 
     logs, nodes = [], []
 
@@ -74,8 +68,8 @@ def two_node_cluster(tmp_path):
     try:
         nodes.append(subprocess.Popen(
             [RAY, "start", "--head", "--port", str(port), "--temp-dir", temp_dir,
-             "--include-dashboard=false", "--dashboard-port", str(free_port()),
-             "--ray-client-server-port", str(free_port()), *node_args()],
+             "--include-dashboard=false", "--dashboard-port", str(dashboard_port),
+             "--ray-client-server-port", str(client_port), *node_args()],
             env=env, stdout=log("head.log"), stderr=subprocess.STDOUT,
             start_new_session=True))
         wait_for_nodes(address, 1, env)
