@@ -5,11 +5,17 @@ run: reading every tensor of the same safetensors checkpoint and writing it back
 any converter has to move). The round trip moves those bytes twice (HF -> Megatron, Megatron ->
 HF), so 2x is the floor; the target is at most 3x.
 
-Write speed on a VM depends on page-cache state (the same write was seen to take 0.5 s or 1.8 s
-by order alone), so baseline and conversion alternate for `--repeats` rounds, each phase starts
-after a flush, and medians are reported.
+Time on these VMs depends on which memory the kernel hands out: writing 1 GiB into pages freed
+a moment earlier took 0.2 s, into memory that had been free for a while (the hypervisor takes
+it back and faults it in again on first touch) 2.2 s, the same `save_file` call both times.
+So every phase starts under the same conditions: the previous phase's dirty pages are flushed,
+the phase's own output from the previous round is deleted, and `--warm-gib` of memory is
+touched and freed, so that what the phase allocates (page cache and its own tensors) is
+memory the guest already holds. A first, unreported round creates the outputs; the medians of
+`--repeats` alternating rounds after it are reported.
 
-  ./run.sh python bench/convert_bench.py [--dtype bfloat16] [--repeats 3] [--workdir DIR]
+  ./run.sh python bench/convert_bench.py [--dtype bfloat16] [--repeats 3] [--warm-gib 3]
+                                        [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -51,13 +57,17 @@ def settle() -> None:
     os.sync()
 
 
-def baseline_copy(src: Path, dst: Path) -> float:
+def warm_free_memory(gib: float) -> None:
+    """Touch `gib` GiB and free it: the next allocations find pages the guest holds."""
+    if gib > 0:
+        torch.ones(int(gib * 2**30), dtype=torch.uint8)
+
+
+def baseline_copy(src: Path, dst: Path) -> None:
     from mcore_r1.models.hf_checkpoint import HFCheckpointReader, iter_tensors, write_index, write_shards
 
     dst.mkdir()
-    start = time.perf_counter()
     write_index(dst, write_shards(iter_tensors(HFCheckpointReader(src)), dst, max_shard_bytes=1 << 30))
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -65,6 +75,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--warm-gib", type=float, default=3.0,
+                        help="memory touched and freed before each phase (0: off)")
     args = parser.parse_args()
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29600 + os.getpid() % 1000))):
@@ -80,25 +92,27 @@ def main() -> None:
         params = make_model(work / "hf", args.dtype)
         size = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
         initialize_parallel(ParallelDims(1))
-        rounds = {"base": [], "to_mcore": [], "to_hf": []}
-        for i in range(args.repeats):
-            for sub in ("copy", "mcore", "back"):
+        phases = {
+            "base": ("copy", lambda out: baseline_copy(work / "hf", out)),
+            "to_mcore": ("mcore", lambda out: hf_to_mcore(work / "hf", out, ModelLayout())),
+            "to_hf": ("back", lambda out: mcore_to_hf(work / "mcore", out, ModelLayout(),
+                                                      max_shard_bytes=1 << 30)),
+        }
+        rounds = {key: [] for key in phases}
+        for i in range(args.repeats + 1):
+            for key, (sub, run) in phases.items():
+                settle()
                 shutil.rmtree(work / sub, ignore_errors=True)
-            settle()
-            rounds["base"].append(baseline_copy(work / "hf", work / "copy"))
-            settle()
-            start = time.perf_counter()
-            hf_to_mcore(work / "hf", work / "mcore", ModelLayout())
-            rounds["to_mcore"].append(time.perf_counter() - start)
-            settle()
-            start = time.perf_counter()
-            mcore_to_hf(work / "mcore", work / "back", ModelLayout(), max_shard_bytes=1 << 30)
-            rounds["to_hf"].append(time.perf_counter() - start)
+                warm_free_memory(args.warm_gib)
+                start = time.perf_counter()
+                run(work / sub)
+                if i:  # round 0 only creates the outputs the later rounds delete
+                    rounds[key].append(time.perf_counter() - start)
         destroy_parallel()
         base, to_mcore, to_hf = (statistics.median(rounds[k]) for k in ("base", "to_mcore", "to_hf"))
         print(f"model: Qwen2.5-0.5B shape, {params / 1e6:.0f}M parameters, {args.dtype}, "
               f"{size / 2**30:.2f} GiB of safetensors, {torch.get_num_threads()} threads, "
-              f"median of {args.repeats} alternating rounds")
+              f"median of {args.repeats} alternating rounds after a first unreported one")
         print(f"baseline read+write of the same bytes: {base:7.2f} s  (rounds: "
               + ", ".join(f"{x:.2f}" for x in rounds["base"]) + ")")
         for label, key, value in (("HF -> Megatron (TP=1, PP=1):", "to_mcore", to_mcore),

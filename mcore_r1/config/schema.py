@@ -57,6 +57,7 @@ class RolloutConfig:
     top_p: float = knob(1.0, "Nucleus sampling threshold in (0, 1]")
     top_k: int = knob(-1, "Top-k sampling; -1 disables it")
     max_new_tokens: int = knob(128, "Maximum response length in tokens")
+    ignore_eos: bool = knob(False, "Training rollouts keep sampling past EOS and stop tokens until max_new_tokens (fixed-length responses, e.g. for benchmarks); validation still stops at EOS")
     seed: int = knob(0, "Sampling seed of the rollout engines")
     gpu_memory_utilization: float = knob(0.6, "Fraction of GPU memory vLLM may take (GPU runs)")
     cpu_kv_cache_gib: float = knob(1.0, "KV-cache size in GiB for vLLM on CPU")

@@ -6,7 +6,9 @@ pick the family module from the registry (keyed by the HF `architectures` entry)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+import gc
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -44,16 +46,32 @@ def build_model(
     loaded right after (it is most of the build time of a large model).
     """
     family = family_of(hf)
-    if family in DENSE_FAMILIES:
-        model = dense.build_language_model(text_arch(hf), layout, dtype, pre_process, post_process,
-                                           vp_stage, perform_initialization=init_weights)
-    else:
-        from mcore_r1.models.qwen_vl import QwenVLModel
+    with gc_paused():
+        if family in DENSE_FAMILIES:
+            model = dense.build_language_model(text_arch(hf), layout, dtype, pre_process,
+                                               post_process, vp_stage,
+                                               perform_initialization=init_weights)
+        else:
+            from mcore_r1.models.qwen_vl import QwenVLModel
 
-        model = QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage,
-                            init_weights=init_weights)
+            model = QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage,
+                                init_weights=init_weights)
     mark_tensor_parallel_weights(model)
     return model
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block. Building a model creates thousands of
+    long-lived modules, and the full collections they trigger find nothing to free: measured
+    0.22 s of a 0.33 s build for a 24-layer model."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:

@@ -99,13 +99,18 @@ def _counted(items, bar):
         yield item
 
 
-def sync_save_strategy():
+def sync_save_strategy(fsync: bool = True):
     """Megatron's torch_dist format, written synchronously in this process.
 
     Megatron's default strategy is built for asynchronous training checkpoints: it starts a
     manager process and forks writer processes on every save, seconds of fixed cost that
     dominate a one-off conversion. The files are the same torch.distributed.checkpoint format,
     so `dist_checkpointing.load` reads them at any layout.
+
+    `fsync=False` leaves flushing to the kernel. Training checkpoints keep it on: a run resumes
+    from them unattended after a crash. The converter turns it off, like the safetensors files
+    it writes on the other side (and transformers' `save_pretrained`): an interrupted
+    conversion is simply run again.
     """
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
@@ -115,7 +120,8 @@ def sync_save_strategy():
             state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
             dcp.save(mtorch.mcore_to_pyt_state_dict(state, False),
-                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                                         sync_files=fsync),
                      planner=mtorch.MCoreSavePlanner(
                          dedup_replicated_tensors=not self.keep_only_main_replica,
                          flatten_state_dict=False))
@@ -144,7 +150,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
         (staging / "model").mkdir()
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"),
-                            sharded_strategy=sync_save_strategy())
+                            sharded_strategy=sync_save_strategy(fsync=False))
     if dist.get_rank() == 0:
         copy_hf_metadata(hf_dir, staging / "hf")
         meta = {"format_version": FORMAT_VERSION, "architecture": hf["architectures"][0],

@@ -55,6 +55,7 @@ class SamplingOptions:
     stop: Optional[list[str]] = None
     stop_token_ids: Optional[list[int]] = None
     seed: Optional[int] = None
+    ignore_eos: bool = False  # sample until max_tokens (fixed-length responses)
 
     def to_vllm(self):
         from vllm import SamplingParams
@@ -63,7 +64,8 @@ class SamplingOptions:
         # "raw_logprobs" (before temperature/top-p), i.e. the policy's log-probs.
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, max_tokens=self.max_tokens, stop=self.stop,
-                              stop_token_ids=self.stop_token_ids, seed=self.seed, logprobs=0)
+                              stop_token_ids=self.stop_token_ids, seed=self.seed, logprobs=0,
+                              ignore_eos=self.ignore_eos)
 
 
 @dataclass

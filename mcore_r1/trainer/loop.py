@@ -59,7 +59,7 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         timer = self.timer = PhaseTimer()
-        self.rollout.begin_step(step)
+        self.rollout.begin_step(step, timer)
         with timer("step"):
             with timer("rollout"):
                 batch, metrics = self.rollout.fill(self.draw)
@@ -70,8 +70,12 @@ class Trainer:
                                       seed=self.cfg.trainer.seed * 1_000_003 + step)
                 self.workers.call_each("set_batch", [(batch.sequences(plan.rank_rows(i.dp_rank)),)
                                                      for i in self.infos])
-                old, entropy = self.log_probs("actor", batch, plan, with_entropy=True)
-                ref = self.log_probs("ref", batch, plan)[0] if self.use_ref else None
+                with timer("logprobs/old"):
+                    old, entropy = self.log_probs("actor", batch, plan, with_entropy=True)
+                ref = None
+                if self.use_ref:
+                    with timer("logprobs/ref"):
+                        ref = self.log_probs("ref", batch, plan)[0]
                 values = self.per_response("values", "values", batch, plan) if self.use_critic else None
             if self.nonfinite(step, {"actor/old_log_probs": old, "ref/log_probs": ref, "critic/values": values}):
                 return {**metrics, **self.rewards.metrics(batch.rewards), "train/skipped": 1.0}
@@ -134,6 +138,7 @@ class Trainer:
 
     def validate(self, step: int) -> dict:
         """Metrics on the validation prompts; every generation goes to validation/step_N.jsonl."""
+        self.rollout.timer = self.timer  # generation and scoring seconds as validate/* phases
         items = list(self.val_set.items)
         batch = self.rollout.generate_scored(items, list(range(len(items))),
                                              self.rollout.options(validation=True))

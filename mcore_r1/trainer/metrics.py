@@ -53,8 +53,8 @@ def console_line(step: int, total: int, metrics: dict) -> str:
     for key, label, fmt in CONSOLE_KEYS:
         if key in metrics:
             parts.append(f"{label} {metrics[key]:{fmt}}")
-    phases = [f"{k[len('timing/'):]} {v:.1f}" for k, v in metrics.items()
-              if k.startswith("timing/") and k != "timing/step"]
+    phases = [f"{k[len('timing/'):]} {v:.1f}" for k, v in metrics.items()  # sub-phases (a/b): jsonl only
+              if k.startswith("timing/") and k != "timing/step" and "/" not in k[len("timing/"):]]
     if phases:
         parts.append("(" + ", ".join(phases) + ")")
     return " | ".join(parts)

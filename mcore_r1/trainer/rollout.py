@@ -12,6 +12,7 @@ gives the fallback score (counted in `reward/errors`); see `mcore_r1.rewards`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -52,10 +53,19 @@ class Rollout:
         self.num_replicas = infos[0].num_replicas
         self.next_group = 0
         self.step, self.calls = 0, 0
+        self.timer = None  # the caller's PhaseTimer: generation and scoring become sub-phases
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, timer=None) -> None:
         """Seeds of the generations that follow derive from `step` and their order in it."""
         self.step, self.calls = step, 0
+        self.timer = timer
+
+    def _phase(self, name: str):
+        """`name` timed as a sub-phase of the timer's innermost active phase (rollout/generate)."""
+        t = self.timer
+        if t is None:
+            return contextlib.nullcontext()
+        return t(f"{t.active[-1]}/{name}" if t.active else name)
 
     def options(self, validation: bool = False, greedy: bool = False) -> SamplingOptions:
         r = self.cfg.rollout
@@ -64,7 +74,7 @@ class Rollout:
             return SamplingOptions(n=1 if greedy else r.val_n, temperature=temperature, top_p=r.top_p,
                                    top_k=r.top_k, max_tokens=r.max_new_tokens)
         return SamplingOptions(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                               max_tokens=r.max_new_tokens)
+                               max_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos)
 
     def generate(self, items: Sequence[Any], keys: Sequence[int], options: SamplingOptions) -> RolloutBatch:
         """Responses to `items` (dataset rows `keys`), `options.n` each, in prompt order."""
@@ -101,8 +111,10 @@ class Rollout:
 
     def generate_scored(self, items: Sequence[Any], keys: Sequence[int],
                         options: Optional[SamplingOptions] = None) -> RolloutBatch:
-        batch = self.generate(items, keys, options or self.options())
-        batch.rewards = self.rewards.score(batch.reward_samples())
+        with self._phase("generate"):
+            batch = self.generate(items, keys, options or self.options())
+        with self._phase("reward"):
+            batch.rewards = self.rewards.score(batch.reward_samples())
         return batch
 
     def greedy_baselines(self, batch: RolloutBatch) -> torch.Tensor:
