@@ -27,8 +27,10 @@ vLLM also builds a packed GEMM handle for it at start-up. The in-place reload re
 embedding and leaves that handle pointing at the *old* weights (vLLM logs "ParallelLMHead:
 Failed to load weights" and carries on), so after every reload the head's handle is rebuilt.
 
-Sleep/wake (freeing KV cache and weights while Megatron trains) only exists on GPU; on CPU
-both are no-ops.
+Sleep/wake (freeing KV cache and weights while Megatron trains) only exists on GPU, where the
+engine is built with vLLM's sleep mode; on CPU both are no-ops. Sleep is level 1 (weights
+kept in host memory), not level 2 (weights dropped): a refit sends only trainable weights, so
+a frozen vision tower must survive the sleep.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class ColocatedEngine:
             model_dir, tp=rollout_tp, seed=seed, max_model_len=max_model_len,
             enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
             **_executor_options(self.world, rollout_tp), pixel_limits=pixel_limits,
-            max_images_per_prompt=max_images_per_prompt, **engine_options,
+            max_images_per_prompt=max_images_per_prompt, sleep_mode=True, **engine_options,
         )
 
     # -- generation -------------------------------------------------------------------------

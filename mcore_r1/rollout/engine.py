@@ -46,23 +46,19 @@ def configure_cpu_env(kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def build_llm(model_dir: str | Path, *, tp: int, seed: int, max_model_len: int,
-              enforce_eager: bool, kv_cache_gib: float, gpu_memory_utilization: float = 0.5,
-              backend: Optional[str] = None, pixel_limits: Optional[dict] = None,
-              max_images_per_prompt: int = 0, **extra: Any):
-    """The one place a vLLM `LLM` is constructed (evaluation and colocated rollout alike).
+def llm_options(model_dir: str | Path, *, tp: int, seed: int, max_model_len: int,
+                enforce_eager: bool, on_gpu: bool, gpu_memory_utilization: float = 0.5,
+                backend: Optional[str] = None, pixel_limits: Optional[dict] = None,
+                max_images_per_prompt: int = 0, sleep_mode: bool = False,
+                **extra: Any) -> dict[str, Any]:
+    """The keyword arguments of vLLM's `LLM` for these settings.
 
-    `backend` is vLLM's ``distributed_executor_backend``; by default an in-process ("uni")
-    engine at TP=1 and vLLM's own choice otherwise. The colocated engine passes
-    ``"external_launcher"`` so that vLLM joins the training processes' torch.distributed world.
+    `sleep_mode` asks for an engine that can free its KV cache and weights while Megatron
+    trains (`LLM.sleep`), which vLLM only offers on GPU and only when the engine is built
+    with it; on CPU there is nothing to free and the option is left out.
     """
     from mcore_r1.data.images import processor_size
-    from mcore_r1.parallel.device import cuda_available
 
-    configure_cpu_env(kv_cache_gib)
-    from vllm import LLM
-
-    on_gpu = cuda_available()
     options: dict[str, Any] = dict(
         model=str(model_dir), tensor_parallel_size=tp, seed=seed,
         max_model_len=max_model_len, enforce_eager=enforce_eager,
@@ -71,11 +67,29 @@ def build_llm(model_dir: str | Path, *, tp: int, seed: int, max_model_len: int,
     )
     if on_gpu:
         options["gpu_memory_utilization"] = gpu_memory_utilization
+        if sleep_mode:
+            options["enable_sleep_mode"] = True
     if pixel_limits is not None:  # a vision-language model
         options["limit_mm_per_prompt"] = {"image": max(1, max_images_per_prompt), "video": 0}
         options["mm_processor_kwargs"] = processor_size(pixel_limits)  # same as the trainer's
     options.update(extra)
-    return LLM(**options)
+    return options
+
+
+def build_llm(model_dir: str | Path, *, kv_cache_gib: float, **settings: Any):
+    """The one place a vLLM `LLM` is constructed (evaluation and colocated rollout alike);
+    `settings` are `llm_options`' arguments but `on_gpu`, which is detected here.
+
+    `backend` is vLLM's ``distributed_executor_backend``; by default an in-process ("uni")
+    engine at TP=1 and vLLM's own choice otherwise. The colocated engine passes
+    ``"external_launcher"`` so that vLLM joins the training processes' torch.distributed world.
+    """
+    from mcore_r1.parallel.device import cuda_available
+
+    configure_cpu_env(kv_cache_gib)
+    from vllm import LLM
+
+    return LLM(**llm_options(model_dir, on_gpu=cuda_available(), **settings))
 
 
 class VLLMGenerator:
