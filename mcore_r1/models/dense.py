@@ -125,7 +125,8 @@ def transformer_config(arch: TextArch, layout: ModelLayout, dtype: torch.dtype, 
 
 
 def layer_spec(qk_layernorm: bool):
-    """TransformerEngine layers when TE and CUDA are present, Megatron's local layers otherwise.
+    """TransformerEngine layers when TE and CUDA are present, Megatron's local layers otherwise
+    (their core attention taught to attend within each packed sequence, `segment_attention`).
 
     Returns (spec, flavour); the flavour decides where the pre-attention / pre-MLP norms live
     (fused into the following linear in TE, separate modules in the local spec).
@@ -134,7 +135,11 @@ def layer_spec(qk_layernorm: bool):
 
     if devmod.cuda_available() and devmod.transformer_engine_available():
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), "te"
-    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm"), "local"
+    from mcore_r1.models.segment_attention import SegmentedDotProductAttention
+
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SegmentedDotProductAttention
+    return spec, "local"
 
 
 def build_language_model(

@@ -17,17 +17,23 @@ Three pieces, used in this order:
 `plan_micro_batches` is first-fit decreasing: deterministic (ties broken by index), each
 sequence kept whole, and the index lists let results be scattered back in the original order.
 
-Packing has two forms, chosen at run time (`packing_format()`):
+Packing has three forms; `packing_format()` picks "thd" or "segments" at run time:
 
 * "thd" (TransformerEngine on GPU): no mask; Megatron's `PackedSeqParams` with `cu_seqlens`
   tells TE's fused attention and fused RoPE where each sequence starts, and RoPE restarts at
   every sequence inside TE.
-* "mask" (Megatron's local attention, the CPU path): an explicit block-diagonal causal mask
-  `[1, 1, T, T]` (True = may NOT attend, Megatron's convention). Megatron's local path computes
-  RoPE for positions 0..T-1 of the row and ignores `position_ids`; RoPE is relative, so that is
-  equal in exact arithmetic, but float32 angles at large offsets lose ~1e-3 rad at 8k tokens.
-  So `restarting_rope` (used around the model call) makes the rotary module return angles for
-  the per-sequence restarting `position_ids` instead: packed then equals padded to rounding.
+* "segments" (Megatron's local layers, the CPU path): `PackedSeqParams` in the "sbhd" format
+  carry the same `cu_seqlens`, and `models.segment_attention` attends within each sequence;
+  no `[T, T]` mask or score matrix exists.
+* "mask": an explicit block-diagonal causal mask `[1, 1, T, T]` (True = may NOT attend,
+  Megatron's convention) for Megatron's unmodified local attention; the reference the
+  segments form is tested against.
+
+In the last two, Megatron's local path computes RoPE for positions 0..T-1 of the row and
+ignores `position_ids`; RoPE is relative, so that is equal in exact arithmetic, but float32
+angles at large offsets lose ~1e-3 rad at 8k tokens. So `restarting_rope` (used around the
+model call) makes the rotary module return angles for the per-sequence restarting
+`position_ids` instead: packed then equals padded to rounding.
 
 The padded form (`pad`) right-pads to `[B, T_max]` with a causal + padding mask; it is the
 reference the packed path is tested against, and a fallback.
@@ -48,7 +54,7 @@ import torch
 
 from mcore_r1.parallel import device as devmod
 
-PACKING_FORMATS = ("thd", "mask")
+PACKING_FORMATS = ("thd", "segments", "mask")
 
 
 @dataclass(frozen=True)
@@ -128,11 +134,11 @@ def scatter_back(plan: list[list[int]], results: list[list], total: int) -> list
 
 
 def packing_format() -> str:
-    """"thd" where TransformerEngine attention runs (CUDA + TE), else "mask" (local attention).
+    """"thd" where TransformerEngine attention runs (CUDA + TE), else "segments" (local layers).
 
     Same predicate as `models.dense.layer_spec`, which picks the TE layers.
     """
-    return "thd" if devmod.cuda_available() and devmod.transformer_engine_available() else "mask"
+    return "thd" if devmod.cuda_available() and devmod.transformer_engine_available() else "segments"
 
 
 @dataclass
@@ -171,7 +177,8 @@ class MicroBatch:
 
     def rope_context(self, model: torch.nn.Module):
         """Around the model call: RoPE at the per-sequence positions (see module docstring)."""
-        if self.packed and self.packed_seq_params is None and self.position_ids.dim() == 2:
+        thd = self.packed_seq_params is not None and self.packed_seq_params.qkv_format == "thd"
+        if self.packed and not thd and self.position_ids.dim() == 2:
             return restarting_rope(model, self.position_ids[0])
         return contextlib.nullcontext()
 
@@ -219,6 +226,8 @@ def pack(samples: Sequence[Sample], fmt: Optional[str] = None, pad_to_multiple: 
     mask, params = None, None
     if fmt == "mask":
         mask = block_causal_mask(lengths)
+    elif fmt == "segments":
+        params = segment_params(lengths, device)
     else:
         params = thd_params(lengths, device)
     mb = MicroBatch(input_ids, position_ids, _next_token_labels(input_ids), mask, params, spans,
@@ -239,19 +248,35 @@ def block_causal_mask(lengths: Sequence[int]) -> torch.Tensor:
     return (~allowed)[None, None]
 
 
+def cu_seqlens(lengths: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+    """Start offsets of the segments plus the total: `[0, l0, l0+l1, ..., T]` (int32)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu.to(device or devmod.get_device())
+
+
 def thd_params(lengths: Sequence[int], device: Optional[torch.device] = None):
     """Megatron `PackedSeqParams` (qkv_format "thd") for segments of `lengths`, for TE attention."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    device = device or devmod.get_device()
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    cu = cu.to(device)
+    cu = cu_seqlens(lengths, device)
     longest = int(max(lengths))
     # No CP padding inside segments here, so the padded offsets equal the real ones.
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def segment_params(lengths: Sequence[int], device: Optional[torch.device] = None):
+    """`PackedSeqParams` in the "sbhd" format for `segment_attention`: Megatron keeps the row's
+    `[T, 1, ...]` layout, and the max sequence lengths are the row's, which is what Megatron
+    then asks RoPE for (`restarting_rope` indexes it per sequence)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens(lengths, device)
+    total = int(sum(lengths))
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=total, max_seqlen_kv=total)
 
 
 def pad(samples: Sequence[Sample], pad_id: int = 0, device: Optional[torch.device] = None) -> MicroBatch:
