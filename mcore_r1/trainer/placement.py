@@ -83,6 +83,16 @@ def start_ray() -> None:
                  configure_logging=False)
 
 
+def worker_threads(nodes: list[NodeResources], used: set[str], per_node: int, use_gpu: bool) -> int:
+    """Torch threads per CPU worker: the cores of the smallest node used, shared by its workers
+    (one worker alone on a 2-core machine computes with both). GPU workers compute on their GPU
+    and keep one."""
+    if use_gpu:
+        return 1
+    cores = [n.cpus for n in nodes if n.node_id in used] or [per_node]
+    return max(1, int(min(cores)) // per_node)
+
+
 def alive_nodes() -> list[NodeResources]:
     import ray
 
@@ -117,6 +127,7 @@ class WorkerGroup:
                 f"become available within {PG_READY_S:g} s; is another job holding them? "
                 "(`ray status` shows the usage)") from None
         nodes = placement_group_table(pg)["bundles_to_node_id"]
+        threads = worker_threads(alive_nodes(), set(nodes.values()), per_node, use_gpu)
         actor = ray.remote(HybridWorker)
         workers = []
         for rank in range(world):
@@ -127,7 +138,7 @@ class WorkerGroup:
                 num_cpus=1, num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=node),
-            ).remote(cfg, model_dir, env, 1))
+            ).remote(cfg, model_dir, env, threads))
         ips = {n.node_id: n.address for n in alive_nodes()}
         try:
             self._adopt(workers, "HybridWorker", t.worker_timeout_s, pg,

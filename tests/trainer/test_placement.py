@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mcore_r1.trainer.placement import NodeResources, PlacementError, check_fits
+from mcore_r1.trainer.placement import NodeResources, PlacementError, check_fits, worker_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,3 +44,14 @@ def test_main_refuses_an_unplaceable_run_before_starting_workers(tmp_path):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"1 x {wanted} = {wanted} CPU workers" in out.stderr
     assert "HybridWorker" not in out.stdout + out.stderr  # no worker process ever started
+
+
+def test_cpu_workers_share_the_cores_of_the_smallest_node_used():
+    nodes = [NodeResources("a", "10.0.0.1", 2.0, 0.0), NodeResources("b", "10.0.0.2", 8.0, 0.0),
+             NodeResources("c", "10.0.0.3", 1.0, 0.0)]
+    assert worker_threads(nodes, {"a"}, 1, use_gpu=False) == 2   # one worker, both cores
+    assert worker_threads(nodes, {"a"}, 2, use_gpu=False) == 1   # the default TP=2 run
+    assert worker_threads(nodes, {"a", "b"}, 2, use_gpu=False) == 1
+    assert worker_threads(nodes, {"b"}, 3, use_gpu=False) == 2   # 8 // 3
+    assert worker_threads(nodes, {"c"}, 2, use_gpu=False) == 1   # never zero
+    assert worker_threads(nodes, {"b"}, 1, use_gpu=True) == 1    # GPU workers compute on the GPU
