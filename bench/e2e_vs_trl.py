@@ -23,7 +23,13 @@ Sizes (`--size`):
         about 0.36B parameters (printed); written once under --workdir.
 
 mcore_r1 runs the way a user runs it: `python -m mcore_r1.main +experiment=tiny_text_grpo ...`
-as a subprocess, then its metrics.jsonl is read (`timing/*` per phase; `time` per record).
+as a subprocess, then its metrics.jsonl is read (`timing/*` per phase; `time` per record), once
+per `--mcore-layout`: `tp2` (default: two worker processes, training TP=2 and one vLLM engine of
+TP=2, i.e. both cores) and/or `1x1` (the experiment's own single worker process). Each worker
+runs torch with one thread (one Ray CPU each); TRL's single process uses all cores. Micro-batches
+hold <= `--mcore-micro-batch-tokens` (1024) packed tokens, about TRL's micro-batch of 8
+responses; the experiment's 2048 ran out of memory on the 0.4b model (the CPU attention path
+materialises a [T, T] block-diagonal mask and scores per layer).
 TRL runs in a subprocess of this script (`GRPOTrainer`, a `TrainerCallback` timing each
 optimizer step; generation and reward calls are timed by wrapping the trainer's own methods).
 Seconds per step are the mean over steps 2..N (step 1 pays warm-up and lazy initialisation) of
@@ -34,7 +40,7 @@ TRL's colocated vLLM mode is tried first for one step (`--no-trl-vllm` skips it)
 expected to fail in its weight sync, which then is printed as one line, and TRL's default
 transformers generation (what a CPU user gets) is the baseline.
 
-  ./run.sh python bench/e2e_vs_trl.py [--size tiny|0.4b|both] [--steps 4] [--mcore-layout 1x1|tp2]
+  ./run.sh python bench/e2e_vs_trl.py [--size tiny|0.4b|both] [--steps N] [--mcore-layout tp2,1x1]
 
 TRL is a bench-only extra: `uv pip install -e .[bench]` (or `pip install trl==1.16.0`).
 The timings are wall-clock on a shared machine; the load average at the start of each run is
@@ -59,14 +65,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPTS, RESPONSES, NEW_TOKENS = 8, 4, 64
+DEFAULT_STEPS = {"tiny": 8, "0.4b": 3}  # a 0.4b step takes 1-2 minutes per side on 2 cores
 EXPERIMENT = "tiny_text_grpo"
 SHAPE_0_4B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2)
-# mcore_r1 layouts on this 2-core machine: the experiment's own (one worker process), or two
-# worker processes with training TP=2 and one vLLM replica of TP=1 per process.
+# mcore_r1 layouts on this 2-core machine. Every worker process is one Ray CPU and runs torch
+# with one thread, so the experiment's own layout (one worker) leaves the second core idle.
 LAYOUTS = {
     "1x1": [],
-    "tp2": ["parallel.tp=2", "trainer.devices_per_node=2", "rollout.tp=1"],
+    "tp2": ["parallel.tp=2", "trainer.devices_per_node=2", "rollout.tp=2"],
+}
+LAYOUT_DOC = {
+    "1x1": "the experiment's layout, one worker process (1 thread)",
+    "tp2": "two worker processes (1 thread each), training TP=2, one vLLM engine of TP=2",
 }
 
 
@@ -122,10 +133,10 @@ def model_0_4b_dir(workdir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     print(f"writing a random Qwen2.5-0.5B-bodied model to {out} ...", flush=True)
-    config = tiny_hf_config("qwen2")
-    for key, value in SHAPE_0_4B.items():
-        setattr(config, key, value)
-    config.max_window_layers = config.num_hidden_layers
+    fields = {k: v for k, v in tiny_hf_config("qwen2").to_dict().items()
+              if k not in ("layer_types", "transformers_version", "model_type")}
+    fields.update(SHAPE_0_4B, max_window_layers=SHAPE_0_4B["num_hidden_layers"])
+    config = tf.Qwen2Config(**fields)
     torch.manual_seed(0)
     model = tf.Qwen2ForCausalLM(config).to(torch.float32)
     model.generation_config = tf.GenerationConfig.from_pretrained(tiny)
@@ -153,10 +164,12 @@ def parameter_count(model_dir: Path) -> int:
 
 # -- the shared settings --------------------------------------------------------------------
 
-def mcore_overrides(model_dir: Path, steps: int, out_dir: Path, layout: str, size: str) -> list[str]:
+def mcore_overrides(model_dir: Path, steps: int, out_dir: Path, layout: str, size: str,
+                    micro_batch_tokens: int) -> list[str]:
     o = [f"+experiment={EXPERIMENT}", f"data.prompts_per_step={PROMPTS}", f"rollout.n={RESPONSES}",
          f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.ignore_eos=true",
          f"trainer.mini_batch_size={PROMPTS * RESPONSES}", "algorithm.ppo_epochs=1",
+         f"trainer.micro_batch_tokens={micro_batch_tokens}",
          f"trainer.total_steps={steps}", "trainer.val_every=0", "trainer.save_checkpoints=false",
          "trainer.lr_warmup_steps=0", "trainer.lr_decay_style=constant", "model.dtype=float32",
          f"trainer.output_dir={out_dir}", "logger.backends=[console,jsonl]"]
@@ -170,7 +183,8 @@ def describe(cfg, model_dir: Path, params: int) -> str:
     return (f"model: {model_dir} ({params / 1e6:.1f}M parameters, float32)\n"
             f"work per step: {d.prompts_per_step} prompts x {r.n} responses x {r.max_new_tokens} new "
             f"tokens (forced), max prompt {d.max_prompt_length} tokens, {t.mini_batch_size} responses "
-            f"per update = 1 update/step, {a.ppo_epochs} epoch\n"
+            f"per update = 1 update/step, {a.ppo_epochs} epoch; mcore_r1 micro-batches of <= "
+            f"{t.micro_batch_tokens} packed tokens\n"
             f"algorithm: {a.name}, lr {t.lr:g} constant, weight decay {t.weight_decay:g}, grad clip "
             f"{t.clip_grad:g}, KL beta {a.kl_coef:g} ({a.kl_estimator}, in loss), clip "
             f"{a.clip_ratio_low:g}/{a.clip_ratio_high:g}, {a.loss_agg_mode}, std-normalised advantages "
@@ -222,8 +236,10 @@ def run_mcore(overrides: list[str], out_dir: Path, log: Path) -> dict:
                                stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if code != 0:
-        tail = "".join(open(log).readlines()[-15:])
-        raise SystemExit(f"mcore_r1 run failed (exit {code}); log {log}:\n{tail}")
+        text = open(log, errors="replace").read()
+        reason = [line.strip() for line in text.splitlines() if line.startswith("mcore_r1:")]
+        oom = " [Ray's memory monitor killed it: out of memory]" if "out of memory" in text else ""
+        return {"error": f"exit {code}: {reason[-1][:300] if reason else 'see the log'}{oom} (log {log})"}
     records = [r for r in read_metrics(out_dir / "metrics.jsonl") if "timing/step" in r]
     ends = [r["time"] for r in records]
     gen = [r["timing/rollout/generate"] for r in records]
@@ -271,9 +287,12 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         import traceback
 
         traceback.print_exc()
-        where = traceback.extract_tb(err.__traceback__)[-1]
+        frames = traceback.extract_tb(err.__traceback__)
+        trl_frames = [f for f in frames if f"{os.sep}trl{os.sep}" in f.filename]
+        where = " -> ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                            for f in ([trl_frames[-1]] if trl_frames else []) + [frames[-1]])
         result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                           f"(at {Path(where.filename).name}:{where.lineno} in {where.name})"}
+                           f"(in {where})"}
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -339,9 +358,9 @@ def bench_size(size: str, args, workdir: Path) -> None:
 
     model_dir = tiny_model_dir() if size == "tiny" else model_0_4b_dir(workdir)
     params = parameter_count(model_dir)
-    mcore_out = workdir / f"{size}_mcore_run"
-    overrides = mcore_overrides(model_dir, args.steps, mcore_out, args.mcore_layout, size)
-    cfg = to_config(compose(overrides))
+    runs = {layout: mcore_overrides(model_dir, args.steps, workdir / f"{size}_mcore_{layout}_run", layout,
+                                    size, args.mcore_micro_batch_tokens) for layout in args.mcore_layout}
+    cfg = to_config(compose(next(iter(runs.values()))))  # layouts differ in placement only
     processor = load_processor(model_dir, cfg.data)
     train = PromptDataset(resolve_source(cfg.data, "train"), cfg.data, processor)
     print(f"\n=== size {size} ===\n{describe(cfg, model_dir, params)}", flush=True)
@@ -349,7 +368,9 @@ def bench_size(size: str, args, workdir: Path) -> None:
             "prompt_ids": [list(i.prompt_token_ids) for i in train.items],
             "answers": [i.answer for i in train.items], "reward": cfg.reward.function,
             "reward_kwargs": dict(cfg.reward.kwargs)}
-    print("mcore_r1: python -m mcore_r1.main " + " ".join(overrides), flush=True)
+    for layout, overrides in runs.items():
+        print(f"mcore_r1 [{layout}: {LAYOUT_DOC[layout]}]: python -m mcore_r1.main " + " ".join(overrides),
+              flush=True)
 
     if args.trl_vllm:
         settings = trl_settings(cfg, 1, args.trl_micro_batch, True, workdir / f"{size}_trl_vllm")
@@ -368,41 +389,54 @@ def bench_size(size: str, args, workdir: Path) -> None:
     trl = run_trl({**spec, "settings": settings}, workdir, f"{size}_trl", args.trl_timeout)
     if "error" in trl:
         raise SystemExit(f"TRL run failed: {trl['error']}")
-    print(f"[{time.strftime('%H:%M:%S')}] mcore_r1, layout {args.mcore_layout}, {args.steps} steps "
-          f"(load {os.getloadavg()[0]:.2f}) ...", flush=True)
-    mc = run_mcore(overrides, mcore_out, workdir / f"{size}_mcore.log")
-    report(size, params, trl, mc)
+    results = {}
+    for layout, overrides in runs.items():
+        print(f"[{time.strftime('%H:%M:%S')}] mcore_r1, layout {layout}, {args.steps} steps "
+              f"(load {os.getloadavg()[0]:.2f}) ...", flush=True)
+        results[layout] = run_mcore(overrides, workdir / f"{size}_mcore_{layout}_run",
+                                    workdir / f"{size}_mcore_{layout}.log")
+    report(size, params, trl, results)
 
 
-def report(size: str, params: int, trl: dict, mc: dict) -> None:
-    t_step, m_step = mean_after_first(trl["step_s"]), statistics.mean(mc["step_s"])
+def report(size: str, params: int, trl: dict, mcore: dict[str, dict]) -> None:
+    t_step = mean_after_first(trl["step_s"])
     t_gen = sum(trl["gen_tokens"][1:]) / sum(trl["phases"]["generate"][1:])
-    m_gen = sum(mc["gen_tokens"][1:]) / sum(mc["gen_s"][1:])
     target = 0.25 if size != "tiny" else 3.0
     print(f"\n--- result, size {size} ({params / 1e6:.1f}M params): mean of steps 2..{len(trl['step_s'])} ---")
-    print(f"{'':10s} {'s/step':>8s} {'gen tok/s':>10s} {'resp len':>9s}  per-step seconds (step 1 excluded)")
-    print(f"{'TRL':10s} {t_step:8.2f} {t_gen:10.1f} {statistics.mean(trl['lengths']):9.1f}  "
+    print(f"{'':14s} {'s/step':>8s} {'ratio':>7s} {'gen tok/s':>10s} {'resp len':>9s}  "
+          "per-step seconds (step 1 excluded)")
+    print(f"{'TRL':14s} {t_step:8.2f} {1:7.3f} {t_gen:10.1f} {statistics.mean(trl['lengths']):9.1f}  "
           + " ".join(f"{s:.2f}" for s in trl["step_s"][1:])
           + f"   [{trl['threads']} torch threads; prompt-id mismatches {trl['prompt_id_mismatches']}]")
-    print(f"{'mcore_r1':10s} {m_step:8.2f} {m_gen:10.1f} {statistics.mean(mc['lengths']):9.1f}  "
-          + " ".join(f"{s:.2f}" for s in mc["step_s"]))
-    print(f"ratio mcore_r1 / TRL = {m_step / t_step:.3f}  (issue 11 target <= {target:g}; "
-          f"speed-up {t_step / m_step:.2f}x)")
-    print(f"whole invocation incl. start-up: TRL {trl['wall']:.0f} s, mcore_r1 {mc['wall']:.0f} s")
-    print("\nmcore_r1 phases (s, mean of steps 2..N; sub-phases indented):")
-    for name, values in mc["phases"].items():
-        if name == "step":
+    for layout, mc in mcore.items():
+        if "error" in mc:
+            print(f"{'mcore_r1 ' + layout:14s} FAILED: {mc['error']}")
             continue
-        indent = "    " if "/" in name else "  "
-        v = mean_after_first(values)
-        print(f"{indent}{name:24s} {v:7.3f}  {100 * v / mean_after_first(mc['phases']['step']):5.1f}%")
-    print(f"  {'step (timer)':24s} {mean_after_first(mc['phases']['step']):7.3f}")
+        m_step = statistics.mean(mc["step_s"])
+        m_gen = sum(mc["gen_tokens"][1:]) / sum(mc["gen_s"][1:])
+        print(f"{'mcore_r1 ' + layout:14s} {m_step:8.2f} {m_step / t_step:7.3f} {m_gen:10.1f} "
+              f"{statistics.mean(mc['lengths']):9.1f}  " + " ".join(f"{s:.2f}" for s in mc["step_s"]))
+    print(f"ratio = mcore_r1 s/step / TRL s/step (issue 11 target <= {target:g})")
+    print("whole invocation incl. start-up: TRL " + f"{trl['wall']:.0f} s"
+          + "".join(f", mcore_r1 {layout} {mc['wall']:.0f} s" for layout, mc in mcore.items()
+                    if "error" not in mc))
+    for layout, mc in mcore.items():
+        if "error" in mc:
+            continue
+        step = mean_after_first(mc["phases"]["step"])
+        print(f"\nmcore_r1 {layout} phases (s, mean of steps 2..N; sub-phases indented):")
+        for name, values in mc["phases"].items():
+            if name != "step":
+                v = mean_after_first(values)
+                print(f"{'    ' if '/' in name else '  '}{name:24s} {v:7.3f}  {100 * v / step:5.1f}%")
+        print(f"  {'step (timer)':24s} {step:7.3f}")
     ph = trl["phases"]
     gen, rew, gs = (mean_after_first(ph[k]) for k in ("generate", "reward", "generate_and_score"))
     print("TRL phases (s, mean of steps 2..N):")
-    print(f"  {'generate':24s} {gen:7.3f}\n  {'reward':24s} {rew:7.3f}\n"
-          f"  {'ref log-probs + prep':24s} {gs - gen - rew:7.3f}\n"
-          f"  {'update (fwd+bwd+optim)':24s} {t_step - gs:7.3f}", flush=True)
+    for name, v in (("generate", gen), ("reward", rew), ("ref log-probs + prep", gs - gen - rew),
+                    ("update (fwd+bwd+optim)", t_step - gs)):
+        print(f"  {name:24s} {v:7.3f}  {100 * v / t_step:5.1f}%")
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -410,9 +444,15 @@ def main() -> None:
         return trl_worker(sys.argv[2], sys.argv[3])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("tiny", "0.4b", "both"), default="both")
-    parser.add_argument("--steps", type=int, default=4, help="RL steps per side (step 1 is excluded)")
-    parser.add_argument("--mcore-layout", choices=sorted(LAYOUTS), default="1x1",
-                        help="1x1: the experiment's one worker process; tp2: two processes, TP=2")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="RL steps per side, step 1 excluded from the means (default: tiny "
+                             f"{DEFAULT_STEPS['tiny']}, 0.4b {DEFAULT_STEPS['0.4b']})")
+    parser.add_argument("--mcore-layout", default="tp2",
+                        help="comma-separated mcore_r1 layouts to run: " + "; ".join(
+                            f"{k}: {v}" for k, v in LAYOUT_DOC.items()))
+    parser.add_argument("--mcore-micro-batch-tokens", type=int, default=1024,
+                        help="mcore_r1 trainer.micro_batch_tokens (packed tokens per forward/backward; "
+                             "~1024 holds about as many sequences as TRL's micro-batch of 8)")
     parser.add_argument("--trl-micro-batch", type=int, default=8,
                         help="TRL per_device_train_batch_size (responses per forward/backward)")
     parser.add_argument("--no-trl-vllm", dest="trl_vllm", action="store_false",
@@ -421,14 +461,23 @@ def main() -> None:
     parser.add_argument("--trl-timeout", type=float, default=3600)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mcore_r1_e2e_bench"))
     args = parser.parse_args()
-    if args.steps < 2:
+    if args.steps is not None and args.steps < 2:
         parser.error("--steps must be >= 2 (step 1 is excluded from the mean)")
+    args.mcore_layout = args.mcore_layout.split(",")
+    if not set(args.mcore_layout) <= set(LAYOUTS):
+        parser.error(f"--mcore-layout: choose from {', '.join(LAYOUTS)}")
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: uv pip install --python .venv/bin/python -e '.[bench]'")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     print(machine(), flush=True)
     print(f"started {time.strftime('%Y-%m-%d %H:%M:%S')}, load average {os.getloadavg()[0]:.2f}; "
           f"logs and runs under {workdir}", flush=True)
+    steps = args.steps
     for size in (("tiny", "0.4b") if args.size == "both" else (args.size,)):
+        args.steps = steps or DEFAULT_STEPS[size]
         bench_size(size, args, workdir)
 
 
