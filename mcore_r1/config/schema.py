@@ -160,6 +160,7 @@ class TrainerConfig:
     clip_grad: float = knob(1.0, "Gradient-norm clipping threshold; 0 disables it")
     mini_batch_size: int = knob(16, "Responses per optimizer update (global); divides prompts_per_step * n")
     micro_batch_tokens: int = knob(4096, "Token budget of one packed micro-batch on one rank")
+    packing: str = knob("auto", "Attention over packed micro-batches on Megatron's local layers (CPU): auto/segments = per sequence; mask = one block-diagonal [T, T] mask (O(T^2) memory; the default job's recorded recipe). GPU with TransformerEngine: auto only")
     val_every: int = knob(5, "Validate every N steps; 0 = never")
     save_every: int = knob(0, "Checkpoint every N steps (and always at the end and on SIGTERM/SIGINT); 0 = only then")
     keep_last: int = knob(2, "Checkpoints kept besides the best one; older ones are deleted after a newer one is complete")

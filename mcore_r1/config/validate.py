@@ -171,6 +171,8 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape], local_run: bool) 
             f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length} + "
             f"{r.max_new_tokens} = {longest} tokens"
         )
+    if t.packing not in ("auto", "segments", "mask"):
+        problems.append(f"trainer.packing={t.packing!r} is not one of auto, segments, mask")
     return problems
 
 

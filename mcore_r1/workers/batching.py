@@ -133,12 +133,31 @@ def scatter_back(plan: list[list[int]], results: list[list], total: int) -> list
     return out
 
 
-def packing_format() -> str:
+_FORMAT_OVERRIDE: Optional[str] = None
+
+
+def set_packing_format(name: str) -> None:
+    """This process's packing (`trainer.packing`): "auto" for `packing_format()`'s choice, or
+    "segments" / "mask" on Megatron's local layers. Set once by the worker at start-up."""
+    global _FORMAT_OVERRIDE
+    if name not in ("auto", "segments", "mask"):
+        raise ValueError(f"trainer.packing={name!r}: expected auto, segments or mask")
+    if name != "auto" and packing_format_auto() == "thd":
+        raise ValueError(f"trainer.packing={name!r} needs Megatron's local layers; TransformerEngine "
+                         "is in use here, which packs as 'thd' (use auto)")
+    _FORMAT_OVERRIDE = None if name == "auto" else name
+
+
+def packing_format_auto() -> str:
     """"thd" where TransformerEngine attention runs (CUDA + TE), else "segments" (local layers).
 
     Same predicate as `models.dense.layer_spec`, which picks the TE layers.
     """
     return "thd" if devmod.cuda_available() and devmod.transformer_engine_available() else "segments"
+
+
+def packing_format() -> str:
+    return _FORMAT_OVERRIDE or packing_format_auto()
 
 
 @dataclass

@@ -84,8 +84,11 @@ class HybridWorker:
         from mcore_r1.parallel.runtime import initialize_parallel
         from mcore_r1.workers.sequences import SampleBuilder
 
+        from mcore_r1.workers.batching import set_packing_format
+
         cfg = self.cfg
         p, t = cfg.parallel, cfg.trainer
+        set_packing_format(t.packing)
         world = int(os.environ["WORLD_SIZE"])
         initialize_parallel(ParallelDims(world, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep), seed=t.seed)
         layout = ModelLayout(tp=p.tp, pp=p.pp)

@@ -94,3 +94,19 @@ def test_bad_samples_are_refused():
         Sample(torch.tensor([1, 2]), prompt_len=0)
     with pytest.raises(ValueError, match="1-D"):
         Sample(torch.tensor([[1, 2]]), prompt_len=1)
+
+
+def test_packing_setting_picks_the_format_and_refuses_unknown_names():
+    from mcore_r1.workers import batching
+
+    try:
+        assert batching.packing_format() == "segments"  # CPU, no TransformerEngine
+        batching.set_packing_format("mask")
+        assert batching.packing_format() == "mask"
+        assert pack(_samples(), device=torch.device("cpu")).attention_mask is not None
+        batching.set_packing_format("auto")
+        assert batching.packing_format() == "segments"
+        with pytest.raises(ValueError, match="trainer.packing='blocks'"):
+            batching.set_packing_format("blocks")
+    finally:
+        batching.set_packing_format("auto")
