@@ -171,8 +171,10 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape], local_run: bool) 
             f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length} + "
             f"{r.max_new_tokens} = {longest} tokens"
         )
-    if t.packing not in ("auto", "segments", "mask"):
-        problems.append(f"trainer.packing={t.packing!r} is not one of auto, segments, mask")
+    from mcore_r1.workers.batching import PACKING_SETTINGS
+
+    if t.packing not in PACKING_SETTINGS:
+        problems.append(f"trainer.packing={t.packing!r} is not one of {', '.join(PACKING_SETTINGS)}")
     return problems
 
 

@@ -133,6 +133,7 @@ def scatter_back(plan: list[list[int]], results: list[list], total: int) -> list
     return out
 
 
+PACKING_SETTINGS = ("auto", "segments", "mask")  # trainer.packing
 _FORMAT_OVERRIDE: Optional[str] = None
 
 
@@ -140,7 +141,7 @@ def set_packing_format(name: str) -> None:
     """This process's packing (`trainer.packing`): "auto" for `packing_format()`'s choice, or
     "segments" / "mask" on Megatron's local layers. Set once by the worker at start-up."""
     global _FORMAT_OVERRIDE
-    if name not in ("auto", "segments", "mask"):
+    if name not in PACKING_SETTINGS:
         raise ValueError(f"trainer.packing={name!r}: expected auto, segments or mask")
     if name != "auto" and packing_format_auto() == "thd":
         raise ValueError(f"trainer.packing={name!r} needs Megatron's local layers; TransformerEngine "

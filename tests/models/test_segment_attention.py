@@ -59,7 +59,7 @@ def test_non_causal_masks_refuse_segments():
         run_workers(_compare, 1, "arbitrary")
 
 
-def test_segments_must_cover_the_row():
+def test_segments_packing_carries_cu_seqlens_and_no_mask():
     from mcore_r1.workers.batching import Sample, pack
 
     mb = pack([Sample(torch.tensor([1, 2, 3]), 1), Sample(torch.tensor([4, 5]), 1)],
