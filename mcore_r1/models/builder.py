@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from mcore_r1.models import dense
+from mcore_r1.models.cpu_linear import use_cpu_gemm
 from mcore_r1.models.mapping import Rule
 from mcore_r1.models.registry import SUPPORTED_ARCHITECTURES, check_architecture
 
@@ -57,6 +58,7 @@ def build_model(
             model = QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage,
                                 init_weights=init_weights)
     mark_tensor_parallel_weights(model)
+    use_cpu_gemm(model)
     return model
 
 
