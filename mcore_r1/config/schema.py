@@ -62,6 +62,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = knob(0.6, "Fraction of GPU memory vLLM may take (GPU runs)")
     cpu_kv_cache_gib: float = knob(1.0, "KV-cache size in GiB for vLLM on CPU")
     enforce_eager: bool = knob(True, "Disable CUDA graphs / compilation in vLLM (faster start, slower decode)")
+    cpu_weights: str = knob("plain", "vLLM on CPU: plain (weights kept as tensors, oneDNN matmul; a refit is an in-place copy) or packed (vLLM's oneDNN-packed weights: faster decode, every refit re-packs all layers)")
     val_n: int = knob(1, "Responses per prompt during validation")
     val_temperature: float = knob(0.0, "Sampling temperature during validation (0 = greedy)")
 

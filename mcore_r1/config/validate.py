@@ -209,6 +209,10 @@ def _value_problems(cfg: Config) -> list[str]:
         (0 < r.gpu_memory_utilization <= 1,
          f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]"),
     ]
+    from mcore_r1.rollout.colocated import CPU_WEIGHT_LAYOUTS
+
+    checks.append((r.cpu_weights in CPU_WEIGHT_LAYOUTS,
+                   f"rollout.cpu_weights={r.cpu_weights!r} is not one of {', '.join(CPU_WEIGHT_LAYOUTS)}"))
     unknown_backends = set(cfg.logger.backends) - {"console", "jsonl", "tensorboard"}
     checks.append((not unknown_backends,
                    f"logger.backends has unknown entries {sorted(unknown_backends)}; "

@@ -22,10 +22,20 @@ rank 0 (vLLM does the same internally for replicated shards) and every vocab-par
 embedding that its rows start at 0, so blocks are copied as they are. The caller checks first
 that vLLM's vocab rows per rank are the ones Megatron holds (`vocab_rows`).
 
-One CPU-specific repair lives here: a tied LM head shares the embedding's storage, but on CPU
-vLLM also builds a packed GEMM handle for it at start-up. The in-place reload refreshes the
+CPU weight layouts (`cpu_weights`). vLLM's CPU backend normally replaces every linear weight by
+a oneDNN-packed copy after loading ("packed"). An in-place reload must then rebuild each layer
+and re-pack it, which measured 1.1-3.3 s for a 0.5B float32 model, 11-33x a copy of the same
+bytes. With "plain" (the default) the engine is built keeping each linear layer's weight as an
+ordinary tensor, multiplied by oneDNN's matmul on the plain layout (`parallel.cpu_gemm`); a
+refit is then vLLM's own `load_weights` copying into the live parameters, measured 1.1x a copy.
+The price is decode speed: 119 against 146 tokens/s on that model (oneDNN's packed kernels win
+at decode-sized batches). On GPU there is no repacking and the choice does not apply.
+
+One repair for "packed" lives here: a tied LM head shares the embedding's storage, but vLLM
+also builds a packed GEMM handle for it at start-up. The in-place reload refreshes the
 embedding and leaves that handle pointing at the *old* weights (vLLM logs "ParallelLMHead:
 Failed to load weights" and carries on), so after every reload the head's handle is rebuilt.
+With "plain" the head multiplies by the live embedding and nothing goes stale.
 
 Sleep/wake (freeing KV cache and weights while Megatron trains) only exists on GPU, where the
 engine is built with vLLM's sleep mode; on CPU both are no-ops. Sleep is level 1 (weights
@@ -115,7 +125,7 @@ class ColocatedEngine:
     def __init__(self, model_dir: str | Path, rollout_tp: int = 1, max_model_len: int = 512,
                  seed: int = 0, kv_cache_gib: float = 1.0, enforce_eager: bool = True,
                  pixel_limits: Optional[dict] = None, max_images_per_prompt: int = 0,
-                 **engine_options: Any):
+                 cpu_weights: str = "plain", **engine_options: Any):
         import torch.distributed as dist
 
         # The refit hands vLLM a lazy iterator of tensors living in this process, so the engine
@@ -130,12 +140,18 @@ class ColocatedEngine:
         self.replica, self.num_replicas = replica_layout(self.world, self.rank, rollout_tp)
         self.model_dir = Path(model_dir)
         self.checkpoint_shapes: Optional[dict] = None  # filled by the first refit
-        self.llm = build_llm(
-            model_dir, tp=rollout_tp, seed=seed, max_model_len=max_model_len,
-            enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
-            **_executor_options(self.world, rollout_tp), pixel_limits=pixel_limits,
-            max_images_per_prompt=max_images_per_prompt, sleep_mode=True, **engine_options,
-        )
+        if cpu_weights not in CPU_WEIGHT_LAYOUTS:
+            raise ValueError(f"cpu_weights={cpu_weights!r}: expected one of {CPU_WEIGHT_LAYOUTS}")
+        plain = cpu_weights == "plain" and _on_cpu()
+        with _plain_cpu_linear_weights() if plain else contextlib.nullcontext():
+            self.llm = build_llm(
+                model_dir, tp=rollout_tp, seed=seed, max_model_len=max_model_len,
+                enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
+                **_executor_options(self.world, rollout_tp), pixel_limits=pixel_limits,
+                max_images_per_prompt=max_images_per_prompt, sleep_mode=True, **engine_options,
+            )
+        # the layout actually built ("plain" needs every linear weight to have survived)
+        self.plain_weights = plain and self.llm.collective_rpc(_linear_weights_kept)[0]
 
     # -- generation -------------------------------------------------------------------------
 
@@ -178,7 +194,8 @@ class ColocatedEngine:
         Full tensors by default (vLLM's loaders slice them for this TP rank); with
         `local_shards` each tensor is already this rank's contiguous block."""
         try:
-            return self.llm.collective_rpc(_reload_in_worker, args=(weights, local_shards))[0]
+            return self.llm.collective_rpc(
+                _reload_in_worker, args=(weights, local_shards, self.plain_weights))[0]
         finally:
             self._forget_derived_state()
 
@@ -229,13 +246,21 @@ class ColocatedEngine:
 
 
 def _reload_in_worker(worker, weights: Iterable[tuple[str, torch.Tensor]],
-                      local_shards: bool) -> int:
-    """Runs inside the vLLM worker: in-place reload, then repair CPU-packed tied heads."""
+                      local_shards: bool, plain_weights: bool) -> int:
+    """Runs inside the vLLM worker. Plain CPU weights: vLLM's loaders copy straight into the
+    live parameters (nothing to re-pack). Otherwise vLLM's layerwise in-place reload, then the
+    repair of CPU-packed tied heads."""
     counted = _Counter(weights)
     model = worker.model_runner.get_model()
     with _local_shard_loading(model) if local_shards else contextlib.nullcontext():
-        worker.reload_weights(weights_iterator=iter(counted))
-    _refresh_tied_heads(model)
+        if plain_weights:
+            model.load_weights(iter(counted))
+            worker.model_runner.reset_encoder_cache()
+            worker.model_runner.reset_mm_cache()
+        else:
+            worker.reload_weights(weights_iterator=iter(counted))
+    if not plain_weights:
+        _refresh_tied_heads(model)
     return counted.count
 
 
@@ -258,7 +283,8 @@ def _local_shard_loading(model: torch.nn.Module):
         for layer in model.modules():
             if isinstance(layer, LinearBase) and getattr(layer, "tp_size", 1) > 1:
                 override(layer, "tp_rank", 0)
-                meta_params = get_layerwise_info(layer).restore_metadata[0].values()
+                restore = get_layerwise_info(layer).restore_metadata  # empty unless reloading
+                meta_params = restore[0].values() if restore else ()
                 for param in [*meta_params, *layer.parameters(recurse=False)]:
                     if hasattr(param, "tp_rank"):
                         override(param, "tp_rank", 0)
@@ -305,3 +331,46 @@ def _refresh_tied_heads(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, ParallelLMHead) and module.weight.data_ptr() in embeddings:
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
+# -- plain CPU weights ------------------------------------------------------------------------
+
+CPU_WEIGHT_LAYOUTS = ("plain", "packed")
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+@contextlib.contextmanager
+def _plain_cpu_linear_weights():
+    """While the engine is built, vLLM's CPU GEMM dispatch keeps 2-D linear weights as they are
+    and multiplies with `cpu_gemm.linear` (weights of other shapes keep vLLM's handling)."""
+    import vllm.model_executor.layers.utils as vllm_utils
+
+    from mcore_r1.parallel import cpu_gemm
+
+    original = getattr(vllm_utils, "dispatch_cpu_unquantized_gemm", None)
+    if original is None:  # a vLLM without this hook: it builds "packed"; checked after build
+        yield
+        return
+
+    def keep_plain_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        if layer.weight.ndim != 2 or layer.weight.is_meta:
+            return original(layer, remove_weight)
+        layer.cpu_linear = lambda x, weight, bias: cpu_gemm.linear(x, weight, bias)
+
+    vllm_utils.dispatch_cpu_unquantized_gemm = keep_plain_weight
+    try:
+        yield
+    finally:
+        vllm_utils.dispatch_cpu_unquantized_gemm = original
+
+
+def _linear_weights_kept(worker) -> bool:
+    from vllm.model_executor.layers.linear import LinearBase
+
+    return all(m.weight.numel() > 0 for m in worker.model_runner.get_model().modules()
+               if isinstance(m, LinearBase) and hasattr(m, "weight"))

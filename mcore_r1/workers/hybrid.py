@@ -144,7 +144,7 @@ class HybridWorker:
             seed=r.seed + replica, kv_cache_gib=r.cpu_kv_cache_gib, enforce_eager=r.enforce_eager,
             pixel_limits=pixel_limits(d.min_pixels, d.max_pixels) if vl else None,
             max_images_per_prompt=max_images_per_prompt if vl else 0,
-            gpu_memory_utilization=r.gpu_memory_utilization)
+            cpu_weights=r.cpu_weights, gpu_memory_utilization=r.gpu_memory_utilization)
 
     # -- rollout ----------------------------------------------------------------------------
 

@@ -119,6 +119,15 @@ def test_rollout_tp_must_divide_world():
         validate(cfg)
 
 
+@pytest.mark.parametrize("setting,message", [
+    ("rollout.cpu_weights=raw", "rollout.cpu_weights='raw' is not one of plain, packed"),
+    ("trainer.packing=thd2", "trainer.packing='thd2' is not one of"),
+])
+def test_unknown_choice_names_the_setting_and_the_choices(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load(setting))
+
+
 def test_all_problems_reported_together():
     cfg = load("rollout.top_p=0", "algorithm.clip_ratio_c=0.5", "trainer.micro_batch_tokens=10")
     with pytest.raises(ConfigError) as err:

@@ -10,6 +10,8 @@ start is the expensive part); the tests below assert on what it measured:
     weights (an independent implementation);
   * bad input (unknown name, wrong shape, Megatron parameter without a rule) stops the refit
     before vLLM is touched, and the engine still generates exactly as before.
+All of it runs for both CPU weight layouts of the engine: "plain" (refit = vLLM's loaders
+copying into live weights) and "packed" (vLLM's layerwise reload re-packing for oneDNN).
 """
 
 import pytest
@@ -51,7 +53,7 @@ def transformers_greedy(model_dir, state, prompts, max_new):
     return out
 
 
-def _scenario(rank, world, model_dir):
+def _scenario(rank, world, model_dir, cpu_weights):
     from mcore_r1.models.builder import load_hf_model
     from mcore_r1.models.dense import ModelLayout
     from mcore_r1.parallel import ParallelDims
@@ -63,10 +65,11 @@ def _scenario(rank, world, model_dir):
 
     initialize_parallel(ParallelDims(1, tp=1, pp=1))
     model, hf = load_hf_model(model_dir, ModelLayout())
-    engine = ColocatedEngine(model_dir, rollout_tp=1, max_model_len=256)
+    engine = ColocatedEngine(model_dir, rollout_tp=1, max_model_len=256, cpu_weights=cpu_weights)
     src = RefitSource.from_megatron(model, hf, tp=1)
     prompts = random_prompts(3, 40, 1500, seed=0)  # long enough for prefix-cache hits
-    out = {"parity": [], "exact": [], "changed": [], "metrics": []}
+    out = {"parity": [], "exact": [], "changed": [], "metrics": [],
+           "plain_weights": engine.plain_weights}
     previous = None
     for step in range(3):
         perturb(model, step)
@@ -116,9 +119,19 @@ def _scenario(rank, world, model_dir):
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory):
-    model_dir = str(ensure_tiny_model("qwen2", tmp_path_factory.mktemp("tiny")))
-    return run_workers(_scenario, 1, model_dir, timeout_s=240)[0]
+def model_dir(tmp_path_factory):
+    return str(ensure_tiny_model("qwen2", tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module", params=["plain", "packed"])
+def scenario(request, model_dir):
+    out = run_workers(_scenario, 1, model_dir, request.param, timeout_s=240)[0]
+    out["layout"] = request.param
+    return out
+
+
+def test_engine_was_built_with_the_requested_layout(scenario):
+    assert scenario["plain_weights"] == (scenario["layout"] == "plain")
 
 
 def test_logprobs_agree_after_each_refit(scenario):
