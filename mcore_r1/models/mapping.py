@@ -138,6 +138,15 @@ class Rule:
             return torch.cat([*gates, *ups], dim=0)
         return torch.cat(list(shards), dim=self.tp_dim)
 
+    def write_shard(self, full: torch.Tensor, shard: torch.Tensor, tp_rank: int, tp: int) -> None:
+        """Copy one TP rank's piece into its place in the full Megatron tensor: `merge` done
+        in place, one rank at a time (so ranks sharing memory can each write their own)."""
+        if self.transform.kind == "gate_up":
+            for full_half, shard_half in zip(full.chunk(2, dim=0), shard.chunk(2, dim=0)):
+                full_half.chunk(tp, dim=0)[tp_rank].copy_(shard_half)
+        else:
+            full.chunk(tp, dim=self.tp_dim)[tp_rank].copy_(shard)
+
     def shard_to_hf(self, shard: torch.Tensor, tp_rank: int, tp: int) -> list[torch.Tensor]:
         """This TP rank's block of each HF tensor (the whole tensor when replicated)."""
         if self.tp_dim is None or tp == 1:
@@ -249,22 +258,23 @@ def load_hf_weights(
 def export_hf_weights(
     model: torch.nn.Module,
     rules: Sequence[Rule],
-    gather_tp: Callable[[torch.Tensor], list[torch.Tensor]] = lambda t: [t],
+    gather_tp: Callable[[torch.Tensor], "list[torch.Tensor] | torch.Tensor"] = lambda t: [t],
     layer_prefixes: Optional[dict[str, dict[int, int]]] = None,
     skip: Callable[[Rule], bool] = lambda rule: False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) for every parameter this stage holds, one rule at a time.
 
     `gather_tp(shard)` returns all TP ranks' shards in rank order (an all-gather on real
-    groups); memory stays bounded by one full tensor at a time.
+    groups), or the full tensor they merge into when it builds that itself; memory stays
+    bounded by one full tensor at a time.
     """
     state = model.state_dict(keep_vars=True)
     for binding in bind_rules(model, rules, layer_prefixes):
         if skip(binding.rule):
             continue
         shard = state[binding.local_name].detach()
-        shards = gather_tp(shard) if binding.rule.tp_dim is not None else [shard]
-        full = binding.rule.merge(shards)
+        gathered = gather_tp(shard) if binding.rule.tp_dim is not None else [shard]
+        full = gathered if isinstance(gathered, torch.Tensor) else binding.rule.merge(gathered)
         yield from zip(binding.hf_names, binding.rule.transform.to_hf(full))
 
 

@@ -15,7 +15,8 @@ General path (any training TP x PP, any rollout TP that divides the world):
      `RefitError` naming the tensor, with the engine still holding its previous weights.
   3. Tensors are grouped into buckets of at most `bucket_bytes`. Stage by stage, the owning
      stage converts its shards with the mapping's `export_hf_weights`, whose TP gather runs
-     one all-gather per bucket of shards (`BucketedTPGather`), packs each bucket of HF
+     one exchange per bucket of shards (`BucketedTPGather`: through shared memory when the
+     TP ranks share a CPU host, else one all-gather), packs each bucket of HF
      tensors into one flat buffer and broadcasts it over the PP group; every rank unpacks
      views and streams them into vLLM. Peak extra memory is about TP x one bucket of shards
      plus one bucket of HF tensors.
@@ -78,7 +79,7 @@ class RefitMetrics:
     buckets: int
     path: str            # "general" or "zero_gather"
     note: str = ""       # why "auto" did not take the zero-gather path
-    tp_collectives: int = 0  # all-gathers over TP (one per bucket of shards)
+    tp_collectives: int = 0  # TP exchanges (one per bucket of shards)
 
     def as_dict(self, prefix: str = "refit/") -> dict[str, float]:
         return {f"{prefix}seconds": self.seconds, f"{prefix}bytes": float(self.bytes),
@@ -211,56 +212,104 @@ def validate_manifest(specs: Sequence[TensorSpec], expected: dict[str, tuple[int
 
 
 class BucketedTPGather:
-    """The `gather_tp` of `export_hf_weights`, one collective per bucket instead of per tensor.
+    """The `gather_tp` of `export_hf_weights`, one exchange per bucket instead of per tensor.
 
     `export_hf_weights` asks for one TP shard at a time, in binding order. That order is known
-    in advance (the TP-sharded bindings that are not skipped), so when a bucket's first shard
-    is asked for, the next shards up to `bucket_bytes` (of local shard bytes) are packed into
-    one buffer and all-gathered together; later requests are served from that result. A
-    request out of the expected order raises instead of returning another tensor's data.
+    in advance (the TP-sharded bindings that are not skipped), so the shards are cut into
+    buckets of up to `bucket_bytes` (of local shard bytes) up front; when a bucket's first
+    shard is asked for, the whole bucket is gathered at once and later requests are served
+    from that result. A request out of the expected order raises instead of returning another
+    tensor's data.
+
+    On CPU, when the TP ranks share a host, no collective moves the bytes: every rank writes
+    its shards straight into their places in the full tensors, in shared memory
+    (`parallel.shm_gather`), and the full tensors are read in place (no merge copy). They are
+    valid until the next bucket is exchanged; a consumer that keeps loaded tensors longer
+    (vLLM's layerwise reload) gets copies (`keeps_tensors`). Elsewhere one all-gather (gloo or
+    NCCL) per bucket returns the shards, which the mapping merges.
     """
 
-    def __init__(self, src: "RefitSource", bucket_bytes: int):
+    def __init__(self, src: "RefitSource", bucket_bytes: int, keeps_tensors: bool = True):
         state = src.model.state_dict(keep_vars=True)
-        self.pending = deque(
-            state[b.local_name].detach() for b in bind_rules(src.model, src.rules, src.layer_prefixes)
-            if b.rule.tp_dim is not None and not src.skip(b.rule))
+        shards = [(b.rule, state[b.local_name].detach())
+                  for b in bind_rules(src.model, src.rules, src.layer_prefixes)
+                  if b.rule.tp_dim is not None and not src.skip(b.rule)]
+        self.pending = deque(_cut(shards, bucket_bytes))
         self.ready: deque = deque()
-        self.group, self.size, self.bucket_bytes = src.tp_group, _group_size(src.tp_group), bucket_bytes
+        self.group, self.size = src.tp_group, _group_size(src.tp_group)
+        self.rank, self.keeps_tensors = _group_rank(src.tp_group), keeps_tensors
         self.collectives = 0
+        self.shared = None
+        if self.size > 1 and shards and shards[0][1].device.type == "cpu":
+            from mcore_r1.parallel.shm_gather import NodeLocalExchange
 
-    def __call__(self, shard: torch.Tensor) -> list[torch.Tensor]:
+            largest = max(sum(t.numel() * t.element_size() for _, t in b) for b in self.pending)
+            self.shared = NodeLocalExchange.create(self.group, self.size * largest)
+
+    def __call__(self, shard: torch.Tensor) -> "list[torch.Tensor] | torch.Tensor":
         if self.size == 1:
             return [shard]
         if not self.ready:
             self._gather_next_bucket()
-        expected, pieces = self.ready.popleft()
+        expected, gathered = self.ready.popleft()
         if expected.data_ptr() != shard.data_ptr() or expected.shape != shard.shape:
             raise RefitError(f"TP gather out of order: asked for a {tuple(shard.shape)} shard, "
                              f"planned {tuple(expected.shape)}")
-        return pieces
+        return gathered
 
     def _gather_next_bucket(self) -> None:
-        batch, size = [], 0
-        while self.pending:
-            t = self.pending[0]
-            nbytes = t.numel() * t.element_size()
-            if batch and (size + nbytes > self.bucket_bytes or t.dtype != batch[0].dtype):
-                break
-            batch.append(self.pending.popleft())
-            size += nbytes
-        if not batch:
+        if not self.pending:
             raise RefitError("TP gather asked for more shards than the model holds")
-        flat = torch.cat([t.reshape(-1) for t in batch])
+        batch = self.pending.popleft()
+        self.collectives += 1
+        if self.shared is not None:
+            for (_, shard), full in zip(batch, self._exchange_full(batch)):
+                self.ready.append((shard, full.clone() if self.keeps_tensors else full))
+            return
+        flat = torch.cat([t.reshape(-1) for _, t in batch])
         out = torch.empty(self.size * flat.numel(), dtype=flat.dtype)
         dist.all_gather_into_tensor(out, flat, group=self.group)
-        self.collectives += 1
         per_rank, offset = out.view(self.size, -1), 0
-        for t in batch:
+        for _, t in batch:
             n = t.numel()
             self.ready.append((t, [per_rank[r, offset:offset + n].view(t.shape)
                                    for r in range(self.size)]))
             offset += n
+
+    def _exchange_full(self, batch) -> list[torch.Tensor]:
+        """Full Megatron tensors of the bucket, each rank writing its shards in place."""
+        dtype = batch[0][1].dtype
+
+        def full_views(buffer: torch.Tensor) -> list[torch.Tensor]:
+            region, offset, views = buffer.view(dtype), 0, []
+            for rule, shard in batch:
+                shape = list(shard.shape)
+                shape[rule.tp_dim] *= self.size
+                views.append(region[offset:offset + shard.numel() * self.size].view(shape))
+                offset += shard.numel() * self.size
+            return views
+
+        def fill(buffer: torch.Tensor) -> None:
+            for (rule, shard), full in zip(batch, full_views(buffer)):
+                rule.write_shard(full, shard, self.rank, self.size)
+
+        return full_views(self.shared.exchange(fill))
+
+
+def _cut(shards, bucket_bytes: int) -> list[list]:
+    """Consecutive (rule, shard) pairs of one dtype, at most `bucket_bytes` of shards each (a
+    bigger shard alone)."""
+    buckets: list[list] = []
+    size = 0
+    for rule, t in shards:
+        nbytes = t.numel() * t.element_size()
+        if buckets and size + nbytes <= bucket_bytes and t.dtype == buckets[-1][0][1].dtype:
+            buckets[-1].append((rule, t))
+            size += nbytes
+        else:
+            buckets.append([(rule, t)])
+            size = nbytes
+    return buckets
 
 
 def _unpack(flat: torch.Tensor, bucket: Sequence[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -272,10 +321,12 @@ def _unpack(flat: torch.Tensor, bucket: Sequence[TensorSpec]) -> Iterator[tuple[
 
 
 def stream_general(src: RefitSource, buckets: Sequence[Sequence[TensorSpec]],
-                   stats: dict, bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for the whole model on every rank, bucket by bucket."""
+                   stats: dict, bucket_bytes: int,
+                   keeps_tensors: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for the whole model on every rank, bucket by bucket.
+    `keeps_tensors`: the consumer holds on to tensors after the next one is asked for."""
     pp, my_stage = _group_size(src.pp_group), _group_rank(src.pp_group)
-    gather = BucketedTPGather(src, bucket_bytes)
+    gather = BucketedTPGather(src, bucket_bytes, keeps_tensors)
     exported = export_hf_weights(src.model, src.rules, gather, src.layer_prefixes, src.skip)
     for bucket in buckets:
         stage = bucket[0].stage
@@ -372,7 +423,10 @@ def refit(engine, src: RefitSource, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     local = problem is None
     buckets = [] if local else plan_buckets(specs, bucket_bytes)
     stats = {"bytes": 0, "buckets": 0}
-    stream = stream_local(src, stats) if local else stream_general(src, buckets, stats, bucket_bytes)
+    # vLLM's own loaders copy each tensor as it arrives; its layerwise reload keeps them
+    keeps = not getattr(engine, "plain_weights", False)
+    stream = (stream_local(src, stats) if local
+              else stream_general(src, buckets, stats, bucket_bytes, keeps))
     try:
         with torch.no_grad():
             consumed = engine.reload(stream, local_shards=local)

@@ -40,6 +40,14 @@ def test_gate_up_tp_split_keeps_gate_and_up_halves():
     assert shards[0].flatten().tolist() == [0, 1, 10, 11]
     assert shards[1].flatten().tolist() == [2, 3, 12, 13]
     assert torch.equal(rule.merge(shards), full)
+    assert torch.equal(written_by_each_rank(rule, shards, full.shape), full)
+
+
+def written_by_each_rank(rule, shards, shape):
+    out = torch.full(shape, float("nan"))
+    for rank, shard in enumerate(shards):
+        rule.write_shard(out, shard, rank, len(shards))
+    return out
 
 
 def test_vocab_padding_is_added_and_removed():
@@ -57,6 +65,7 @@ def test_row_parallel_split_and_merge():
     shards = [rule.split(full, r, 2) for r in range(2)]
     assert shards[0].tolist() == [[0, 1], [4, 5], [8, 9]]
     assert torch.equal(rule.merge(shards), full)
+    assert torch.equal(written_by_each_rank(rule, shards, full.shape), full)
 
 
 def test_pipeline_split_rules():

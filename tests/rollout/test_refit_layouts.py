@@ -44,7 +44,7 @@ def test_general_path_logprobs_agree(model_dir, tp, pp, rollout_tp, path):
             assert row["tp_collectives"] == (1 if tp > 1 else 0), row
 
 
-def _zero_gather(rank, world, model_dir):
+def _zero_gather(rank, world, model_dir, cpu_weights):
     from mcore_r1.models.builder import load_hf_model
     from mcore_r1.models.dense import ModelLayout
     from mcore_r1.parallel import ParallelDims
@@ -57,29 +57,33 @@ def _zero_gather(rank, world, model_dir):
 
     initialize_parallel(ParallelDims(world, tp=2, pp=1))
     model, hf = load_hf_model(model_dir, ModelLayout(tp=2))
-    engine = ColocatedEngine(model_dir, rollout_tp=2, max_model_len=256)
+    engine = ColocatedEngine(model_dir, rollout_tp=2, max_model_len=256, cpu_weights=cpu_weights)
     src = RefitSource.from_megatron(model, hf, tp=2)
     prompts = random_prompts(3, 40, 1500, seed=1)
     rows = []
     for step in range(3):
         perturb(model, 0.02, seed=step + 1)
-        general = refit(engine, src, path="general")
+        # 64 KiB buckets: many TP exchanges, each reusing the one shared-memory buffer
+        general = refit(engine, src, path="general", bucket_bytes=64 << 10)
         by_general = vllm_weights(engine.vllm_model())
         local = refit(engine, src)  # auto: must pick zero-gather here
         by_local = vllm_weights(engine.vllm_model())
         parity = logprob_parity(engine, model, hf, prompts,
                                 SamplingOptions(n=2, max_tokens=16, seed=step))
         rows.append(dict(paths=(general.path, local.path), bytes=(general.bytes, local.bytes),
+                         exchanges=general.tp_collectives,
                          differ=[n for n in by_general if not torch.equal(by_general[n], by_local[n])],
                          names=sorted(by_general) == sorted(by_local), parity=parity))
     engine.close()
     return rows
 
 
-def test_zero_gather_matches_general_path_bit_for_bit(model_dir):
-    for rank_rows in run_workers(_zero_gather, 2, model_dir, timeout_s=240):
+@pytest.mark.parametrize("cpu_weights", ["plain", "packed"])
+def test_zero_gather_matches_general_path_bit_for_bit(model_dir, cpu_weights):
+    for rank_rows in run_workers(_zero_gather, 2, model_dir, cpu_weights, timeout_s=240):
         for row in rank_rows:
             assert row["paths"] == ("general", "zero_gather")
+            assert row["exchanges"] > 10
             assert row["bytes"][1] < 0.6 * row["bytes"][0]  # only this rank's blocks
             assert row["names"] and row["differ"] == [], row["differ"]
             p = row["parity"]
