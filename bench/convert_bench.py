@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from mcore_r1.parallel.device import restart_with_cpu_env
+
 
 def qwen25_05b_config(dtype: str):
     import transformers
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--warm-gib", type=float, default=3.0,
                         help="memory touched and freed before each phase (0: off)")
     args = parser.parse_args()
+    restart_with_cpu_env()  # the environment the converter runs with (huge pages)
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29600 + os.getpid() % 1000))):
         os.environ.setdefault(key, value)

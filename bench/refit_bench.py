@@ -77,9 +77,12 @@ def main() -> None:
             shutil.rmtree(work / "hf", ignore_errors=True)
             print(f"writing a random Qwen2.5-0.5B-shaped model to {work / 'hf'} ...", flush=True)
             make_model(work / "hf", "float32")
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  "--nproc-per-node=2", os.path.abspath(__file__), *sys.argv[1:],
-                                  "--workdir", str(work)])
+        from mcore_r1.parallel.device import cpu_process_env
+
+        # started like a training run's workers (huge pages for big allocations)
+        os.execve(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node=2", os.path.abspath(__file__), *sys.argv[1:],
+                                   "--workdir", str(work)], {**os.environ, **cpu_process_env()})
     run(work / "hf", args.repeats, int(args.bucket_mb * 2**20))
 
 

@@ -50,6 +50,10 @@ def relaunch_under_torchrun(world: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if argv is None:  # run as a command (not called from Python): start as a CPU worker would
+        from mcore_r1.parallel.device import restart_with_cpu_env
+
+        restart_with_cpu_env()
     relaunch_under_torchrun(args.tp * args.pp)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mcore_r1.config.schema import Config
+from mcore_r1.parallel.device import cpu_process_env
 # WorkerFailure and WorkerTimeout are part of this module's interface (callers catch them here).
 from mcore_r1.trainer.failures import WorkerFailure, WorkerTimeout, wait_all  # noqa: F401
 
@@ -76,6 +77,7 @@ def start_ray() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env = {"env_vars": {k: v for k, v in os.environ.items()
                         if k.startswith(("MCORE_R1_", "VLLM_", "HF_", "TRANSFORMERS_"))}}
+    env["env_vars"].update(cpu_process_env())  # read at process start: pass it to the workers
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
