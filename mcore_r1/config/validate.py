@@ -175,6 +175,8 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape], local_run: bool) 
 
     if t.packing not in PACKING_SETTINGS:
         problems.append(f"trainer.packing={t.packing!r} is not one of {', '.join(PACKING_SETTINGS)}")
+    if t.old_logprobs not in ("auto", "recompute"):
+        problems.append(f"trainer.old_logprobs={t.old_logprobs!r} is not one of auto, recompute")
     return problems
 
 

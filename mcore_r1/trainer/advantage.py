@@ -17,10 +17,12 @@ from mcore_r1 import algos
 from mcore_r1.trainer.batch import RolloutBatch
 
 
-def compute_advantages(cfg, batch: RolloutBatch, old: torch.Tensor, ref: Optional[torch.Tensor],
+def compute_advantages(cfg, batch: RolloutBatch, old: Optional[torch.Tensor],
+                       ref: Optional[torch.Tensor],
                        kl_ctrl, baselines: Optional[torch.Tensor] = None,
                        values: Optional[torch.Tensor] = None) -> tuple[dict, torch.Tensor, dict]:
-    """(matrices for `train_mini_batch`, returns, metrics)."""
+    """(matrices for `train_mini_batch`, returns, metrics). `old` is None for an on-policy
+    step (nothing here may read it then: no KL in the reward, no rollout importance weights)."""
     a = cfg.algorithm
     mask = batch.response_mask()
     rewards = batch.token_level_scores()
@@ -40,12 +42,22 @@ def compute_advantages(cfg, batch: RolloutBatch, old: torch.Tensor, ref: Optiona
     matrices = {"old_log_probs": old, "advantages": adv.advantages, "response_mask": mask}
     if ref is not None and a.use_kl_loss:
         matrices["ref_log_probs"] = ref
-    rollout_logp = batch.matrix(batch.rollout_logp)
-    weights = algos.truncated_importance_weights(old, rollout_logp, mask, a.rollout_is, a.rollout_is_cap)
-    if a.rollout_is != "off":
-        matrices["is_weights"] = weights.weights
-    metrics.update({f"mismatch/{k}": float(v) for k, v in weights.metrics.items()})
+    if old is not None:  # else on-policy: the update computes them (see `mismatch_metrics`)
+        rollout_logp = batch.matrix(batch.rollout_logp)
+        weights = algos.truncated_importance_weights(old, rollout_logp, mask, a.rollout_is,
+                                                     a.rollout_is_cap)
+        if a.rollout_is != "off":
+            matrices["is_weights"] = weights.weights
+        metrics.update({f"mismatch/{k}": float(v) for k, v in weights.metrics.items()})
     valid = adv.advantages[mask]
     metrics.update({"advantage/mean": float(valid.mean()) if valid.numel() else 0.0,
                     "advantage/abs_mean": float(valid.abs().mean()) if valid.numel() else 0.0})
     return matrices, adv.returns, metrics
+
+
+def mismatch_metrics(batch: RolloutBatch, old: torch.Tensor) -> dict:
+    """Training vs rollout log-prob metrics, for an on-policy step whose old log-probs came
+    from the update (the same numbers `compute_advantages` reports from an old-policy pass)."""
+    weights = algos.truncated_importance_weights(old, batch.matrix(batch.rollout_logp),
+                                                 batch.response_mask(), "off")
+    return {f"mismatch/{k}": float(v) for k, v in weights.metrics.items()}

@@ -28,7 +28,7 @@ import torch
 
 from mcore_r1 import algos
 from mcore_r1.config.schema import Config
-from mcore_r1.trainer.advantage import compute_advantages
+from mcore_r1.trainer.advantage import compute_advantages, mismatch_metrics
 from mcore_r1.trainer.batch import BatchPlan, RolloutBatch, gather_by_dp
 from mcore_r1.trainer.checkpoint import CheckpointError, CheckpointManager
 from mcore_r1.trainer.metrics import MetricsLogger, PhaseTimer
@@ -52,6 +52,7 @@ class Trainer:
         self.use_ref = a.kl_coef > 0
         self.use_critic = a.use_critic
         self.kl_ctrl = algos.make_kl_controller(a.kl_ctrl, a.kl_coef, a.kl_target, a.kl_horizon)
+        self.on_policy_reports: list = []  # the last update's log-probs (on-policy steps)
 
     def draw(self) -> tuple[list, list[int]]:
         keys = self.sampler.next_batch(self.cfg.data.prompts_per_step)
@@ -70,8 +71,10 @@ class Trainer:
                                       seed=self.cfg.trainer.seed * 1_000_003 + step)
                 self.workers.call_each("set_batch", [(batch.sequences(plan.rank_rows(i.dp_rank)),)
                                                      for i in self.infos])
-                with timer("logprobs/old"):
-                    old, entropy = self.log_probs("actor", batch, plan, with_entropy=True)
+                old = entropy = None  # on-policy: the update's own log-probs are the old ones
+                if not self.on_policy(plan):
+                    with timer("logprobs/old"):
+                        old, entropy = self.log_probs("actor", batch, plan, with_entropy=True)
                 ref = None
                 if self.use_ref:
                     with timer("logprobs/ref"):
@@ -86,6 +89,9 @@ class Trainer:
                     data.update(values=values, returns=returns)
             with timer("update"):
                 update_metrics = self.update(plan, data)
+            if old is None:
+                old, entropy = self.update_log_probs(batch, plan)
+                adv_metrics.update(mismatch_metrics(batch, old))
             with timer("refit"):
                 refit_metrics = first_of(self.workers.call("refit"))
         metrics.update(self.rewards.metrics(batch.rewards))
@@ -116,6 +122,19 @@ class Trainer:
         entropy = batch.matrix(gather_by_dp(results, plan, len(batch), "entropy")) if with_entropy else None
         return logp, entropy
 
+    def on_policy(self, plan: BatchPlan) -> bool:
+        """One optimizer step on this rollout batch with nothing else reading the old
+        log-probs first: the update computes them itself (`trainer.old_logprobs=auto`)."""
+        a = self.cfg.algorithm
+        return (self.cfg.trainer.old_logprobs == "auto" and a.ppo_epochs == 1
+                and plan.num_mini_batches == 1 and a.rollout_is == "off"
+                and (a.use_kl_loss or a.kl_coef == 0))  # KL in the reward reads them first
+
+    def update_log_probs(self, batch: RolloutBatch, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        reports = self.on_policy_reports
+        return (batch.matrix(gather_by_dp(reports, plan, len(batch), "logp")),
+                batch.matrix(gather_by_dp(reports, plan, len(batch), "entropy")))
+
     def per_response(self, method: str, key: str, batch: RolloutBatch, plan: BatchPlan) -> torch.Tensor:
         return batch.matrix(gather_by_dp(self.workers.call(method), plan, len(batch), key))
 
@@ -129,8 +148,9 @@ class Trainer:
                 calls = []
                 for info in self.infos:
                     rows = [rank_rows[info.dp_rank][r] for r in local]
-                    calls.append((local, {k: v[rows] for k, v in data.items()}))
+                    calls.append((local, {k: v[rows] for k, v in data.items() if v is not None}))
                 reports = [r for r in self.workers.call_each("train_mini_batch", calls) if r]
+                self.on_policy_reports = [r.pop("on_policy") for r in reports if "on_policy" in r]
                 merged = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]}
                 merged["actor/loss"] = sum(r["actor/loss"] for r in reports)  # DP shares add up
                 updates.append(merged)

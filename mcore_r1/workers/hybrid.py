@@ -208,7 +208,7 @@ class HybridWorker:
         self.optimizer.zero_grad()
         result = policy_loss_step(
             self.actor, [self.samples[i] for i in rows], self.vocab,
-            self.cfg.trainer.micro_batch_tokens, old_log_probs=matrices["old_log_probs"],
+            self.cfg.trainer.micro_batch_tokens, old_log_probs=matrices.get("old_log_probs"),
             advantages=matrices["advantages"], response_mask=matrices["response_mask"],
             ref_log_probs=matrices.get("ref_log_probs"), is_weights=matrices.get("is_weights"),
             cfg=loss_config(self.cfg), grad_scale=float(self.info.dp_size))
@@ -222,6 +222,10 @@ class HybridWorker:
                    "actor/micro_batches": float(result.num_micro_batches),
                    "actor/update_seconds": time.perf_counter() - start})
         metrics.update({f"actor/{k}": v for k, v in result.metrics.items()})
+        if result.log_probs is not None:  # on-policy: the update's log-probs, as `log_probs` gives
+            metrics["on_policy"] = {"dp_rank": self.info.dp_rank,
+                                    "logp": _in_sample_order(rows, result.log_probs, len(self.samples)),
+                                    "entropy": _in_sample_order(rows, result.entropy, len(self.samples))}
         return metrics
 
     def _train_critic(self, rows: list[int], matrices: dict[str, torch.Tensor]) -> dict:
@@ -376,3 +380,10 @@ def guarded_step(optimizer, name: str, loss: float, policy: str) -> tuple[bool, 
                              "updates instead)")
     optimizer.zero_grad()
     return False, norm
+
+
+def _in_sample_order(rows: list[int], values: list, size: int) -> list:
+    out: list = [None] * size
+    for row, value in zip(rows, values):
+        out[row] = value
+    return out

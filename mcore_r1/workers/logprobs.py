@@ -83,6 +83,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     return logp, entropy
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy `[b, s]` of the sampling distribution, outside the autograd graph (a metric)."""
+    logits = logits.detach()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return vocab_parallel_entropy(mask_vocab_padding(logits, vocab_size))
+
+
 @contextlib.contextmanager
 def variable_seq_lengths(model: torch.nn.Module):
     """Let the PP schedule exchange tensor shapes: packed micro-batches differ in length."""

@@ -20,6 +20,12 @@ Why the result does not depend on how the batch was cut (packed or padded, any b
 
 Per micro-batch the response rows are re-padded to that micro-batch's longest response: all
 aggregation modes ignore padding width (`seq-mean-token-sum-norm` uses a fixed `norm_len`).
+
+On-policy updates (`old_log_probs=None`): when a rollout batch gets exactly one optimizer step,
+the old policy *is* the current one, so its log-probs are this forward's, detached. The
+separate old-policy pass would compute the same numbers (same weights, same micro-batches);
+skipping it saves a forward pass over the batch. The step then returns those log-probs and
+the entropies (`StepResult.log_probs`, `.entropy`) for the metrics the old pass fed.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from mcore_r1.algos import (
     LossNormaliser, actor_loss_matrix, aggregate_loss, get_policy_loss, kl_penalty,
 )
 from mcore_r1.workers.batching import MicroBatch, Sample
-from mcore_r1.workers.logprobs import make_micro_batches, row_multiple, run_schedule, token_logprobs
+from mcore_r1.workers.logprobs import (
+    make_micro_batches, row_multiple, run_schedule, token_entropy, token_logprobs,
+)
 
 
 @dataclass
@@ -57,6 +65,8 @@ class StepResult:
     loss: float
     metrics: dict
     num_micro_batches: int
+    log_probs: Optional[list] = None  # on-policy only: [response_len] tensors, sample order
+    entropy: Optional[list] = None
 
 
 def take_rows(matrix: Optional[torch.Tensor], indices: Sequence[int], lengths: Sequence[int],
@@ -87,7 +97,8 @@ def check_inputs(samples: Sequence[Sample], **matrices) -> None:
 
 
 def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_size: int,
-                     max_tokens: int, *, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                     max_tokens: int, *, old_log_probs: Optional[torch.Tensor],
+                     advantages: torch.Tensor,
                      response_mask: torch.Tensor, ref_log_probs: Optional[torch.Tensor] = None,
                      is_weights: Optional[torch.Tensor] = None, cfg: Optional[LossConfig] = None,
                      packed: bool = True, normaliser: Optional[LossNormaliser] = None, dp_group=None,
@@ -95,7 +106,8 @@ def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_si
                      model_inputs: Optional[Callable] = None) -> Optional[StepResult]:
     """Accumulate the gradients of the mini-batch's actor loss; see the module docstring.
 
-    `normaliser` defaults to `LossNormaliser.of(response_mask)` summed over `dp_group`
+    `old_log_probs=None` means on-policy: the old log-probs are this forward's (see the module
+    docstring). `normaliser` defaults to `LossNormaliser.of(response_mask)` summed over `dp_group`
     (default: Megatron's data-parallel group); pass it explicitly when a mini-batch is split
     over several calls. Returns None on stages other than the last pipeline stage.
     """
@@ -115,18 +127,25 @@ def policy_loss_step(model: torch.nn.Module, samples: Sequence[Sample], vocab_si
         normaliser = normaliser.all_reduce(dp_group or mpu.get_data_parallel_group())
     plan, micro_batches = make_micro_batches(samples, max_tokens, packed, fmt,
                                              pad_to_multiple=row_multiple(model))
+    kept: Optional[dict] = {} if old_log_probs is None else None
     loss_fn = _micro_batch_loss(plan, samples, vocab_size, cfg, normaliser, grad_scale,
                                 dict(old=old_log_probs, adv=advantages, mask=response_mask,
-                                     ref=ref_log_probs, w=is_weights), len(micro_batches))
+                                     ref=ref_log_probs, w=is_weights), len(micro_batches), kept)
     model.train()
     reports = run_schedule(model, micro_batches, loss_fn, forward_only=False, model_inputs=model_inputs)
     if not mpu.is_pipeline_last_stage():
         return None
-    return summarise(reports, len(micro_batches))
+    result = summarise(reports, len(micro_batches))
+    if kept is not None:
+        result.log_probs = [kept[i][0] for i in range(len(samples))]
+        result.entropy = [kept[i][1] for i in range(len(samples))]
+    return result
 
 
 def _micro_batch_loss(plan, samples, vocab_size, cfg: LossConfig, normaliser, grad_scale,
-                      inputs: dict, num_micro_batches: int):
+                      inputs: dict, num_micro_batches: int, kept: Optional[dict] = None):
+    """The schedule's loss function. With `kept` (on-policy) the old log-probs are the
+    forward's own, detached, and each sample's log-probs and entropies are stored in it."""
     from megatron.core import parallel_state as mpu
 
     policy_fn = get_policy_loss(cfg.policy_loss)
@@ -138,12 +157,21 @@ def _micro_batch_loss(plan, samples, vocab_size, cfg: LossConfig, normaliser, gr
         lengths = [samples[i].response_len for i in indices]
         width = max(lengths)
         need_entropy = bool(cfg.entropy_coeff)
+        # the metric's entropy, before the cross entropy below shifts the logits in place
+        metric_ent = (token_entropy(logits, vocab_size, cfg.temperature)
+                      if kept is not None and not need_entropy else None)
         logp_tok, ent_tok = token_logprobs(logits, mb.labels, vocab_size, cfg.temperature, need_entropy)
+        if metric_ent is None:
+            metric_ent = ent_tok
         logp = stack_rows(mb.split_response(logp_tok), width)
         rows = {k: take_rows(v, indices, lengths, width, logits.device) for k, v in inputs.items()}
         mask = rows["mask"].bool()
-        out = policy_fn(logp, rows["old"], rows["adv"], mask, **cfg.loss_kwargs)
-        entropy = stack_rows(mb.split_response(ent_tok), width) if need_entropy else None
+        old = logp.detach() if kept is not None else rows["old"]
+        out = policy_fn(logp, old, rows["adv"], mask, **cfg.loss_kwargs)
+        entropy = stack_rows(mb.split_response(ent_tok), width) if cfg.entropy_coeff else None
+        if kept is not None:
+            for i, lp, ent in zip(indices, mb.split_response(logp_tok), mb.split_response(metric_ent)):
+                kept[i] = (lp.detach().clone(), ent.detach().clone())
         kl = kl_penalty(logp, rows["ref"], cfg.kl_estimator, mask) if cfg.kl_coef else None
         mat = actor_loss_matrix(out.loss_mat, mask, is_weights=rows["w"], entropy=entropy,
                                 entropy_coeff=cfg.entropy_coeff, kl=kl, kl_coef=cfg.kl_coef)

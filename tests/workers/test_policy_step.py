@@ -218,3 +218,61 @@ def test_bad_inputs_are_refused():
         policy_loss_step(None, samples, 2048, 16, old_log_probs=torch.zeros(2, 4),
                          advantages=torch.zeros(2, 4), response_mask=torch.ones(2, 4),
                          cfg=LossConfig(kl_coef=0.1))
+
+
+@functools.lru_cache(maxsize=None)
+def hf_on_policy_reference(model_dir):
+    """The same loss with old := the forward's own detached log-probs (every ratio is 1), and
+    those log-probs and entropies."""
+    model = _hf_model(model_dir).train()
+    _, _, adv, mask = batch()
+    logps, ents = hf_logp_entropy(model)
+    total = 0.0
+    for i, (lp, h) in enumerate(zip(logps, ents)):
+        n = lp.numel()
+        a, m = adv[i, :n], mask[i, :n].bool()
+        ratio = torch.exp(lp - lp.detach())
+        per_tok = torch.maximum(-a * ratio, -a * ratio.clamp(1 - CLIP, 1 + CLIP)) - ENTROPY_COEFF * h
+        total = total + per_tok[m].sum()
+    loss = total / mask.sum()
+    loss.backward()
+    params = dict(model.named_parameters())
+    return (loss.item(), {mc: params[hf].grad.clone() for mc, hf in NORMS.items()},
+            [lp.detach() for lp in logps], [h.detach() for h in ents])
+
+
+def _on_policy_step(rank, world_size, model_dir, entropy_coeff):
+    from mcore_r1.models.builder import load_hf_model
+    from mcore_r1.models.dense import ModelLayout
+    from mcore_r1.parallel import ParallelDims
+    from mcore_r1.parallel.runtime import initialize_parallel
+    from mcore_r1.workers.batching import Sample
+    from mcore_r1.workers.policy_step import LossConfig, policy_loss_step
+
+    initialize_parallel(ParallelDims(world_size, tp=world_size))
+    model, hf = load_hf_model(model_dir, ModelLayout(tp=world_size))
+    spec, _, adv, mask = batch()
+    cfg = LossConfig(policy_loss="ppo_clip", loss_kwargs=dict(clip_ratio_low=CLIP, clip_ratio_high=CLIP),
+                     agg_mode="token-mean", entropy_coeff=entropy_coeff)
+    result = policy_loss_step(model, [Sample(ids, p) for ids, p in spec], hf["vocab_size"], 32,
+                              old_log_probs=None, advantages=adv, response_mask=mask, cfg=cfg)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if k in NORMS}
+    return result, grads
+
+
+@pytest.mark.parametrize("entropy_coeff", [ENTROPY_COEFF, 0.0], ids=["entropy_bonus", "no_bonus"])
+def test_on_policy_step_uses_its_own_log_probs_and_returns_them(model_dir, entropy_coeff):
+    ref_loss, ref_grads, ref_logp, ref_ent = hf_on_policy_reference(model_dir)
+    for result, grads in run_workers(_on_policy_step, 2, model_dir, entropy_coeff):
+        if entropy_coeff:  # the reference loss carries the entropy bonus
+            assert abs(result.loss - ref_loss) <= TOL
+            for mc, g_ref in ref_grads.items():
+                assert (grads[mc] - g_ref).abs().max().item() <= GRAD_TOL, mc
+        assert result.metrics["clipfrac"] == 0.0  # every ratio is exactly 1
+        # what the separate old-policy pass would have given (the metric's entropy is computed
+        # outside the graph when there is no entropy bonus: same numbers either way)
+        assert len(result.log_probs) == len(ref_logp)
+        for got, ref in zip(result.log_probs, ref_logp):
+            assert (got - ref).abs().max().item() <= 1e-5
+        for got, ref in zip(result.entropy, ref_ent):
+            assert (got - ref).abs().max().item() <= 1e-5
