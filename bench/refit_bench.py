@@ -7,12 +7,17 @@ warm-up) and divided by a baseline measured in the same run on the same rank: a 
 memory copy (`Tensor.copy_`, in 256 MiB chunks) of as many bytes as that path handed to vLLM.
 
   zero-gather: each rank converts its own shard; targets <= 2x the copy
-  general:     all-gather over TP, vLLM slices full tensors; target <= 4x
+  general:     full tensors gathered over TP (shared memory between the two processes),
+               vLLM slices them; target <= 4x
 
-For the general path a second reference is printed: an all-gather over the TP group of the
-same bytes (gloo on CPU), the transport floor of any gathering refit on this machine.
+For the general path a second reference is printed: a gloo all-gather over the TP group of the
+same bytes, what a gathering refit would pay for transport through torch.distributed on CPU.
 
-  ./run.sh python bench/refit_bench.py [--workdir DIR] [--repeats 3]
+`--cpu-weights` picks vLLM's CPU weight layout (see `rollout.colocated`): "plain" (default
+here) is the layout built for refits; "packed" (the trainer's default) re-packs every layer
+for oneDNN on each refit, which bounds its ratio whatever the refit does.
+
+  ./run.sh python bench/refit_bench.py [--workdir DIR] [--repeats 3] [--cpu-weights packed]
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the model is written (kept)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=256)
+    parser.add_argument("--cpu-weights", choices=("plain", "packed"), default="plain",
+                        help="vLLM's CPU weight layout (rollout.cpu_weights); plain is the one "
+                             "built for refits, packed is the training default (faster decode)")
     args = parser.parse_args()
     work = Path(args.workdir or Path(tempfile.gettempdir()) / "mcore_r1_refit_bench")
     if "WORLD_SIZE" not in os.environ:
@@ -83,10 +91,10 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc-per-node=2", os.path.abspath(__file__), *sys.argv[1:],
                                    "--workdir", str(work)], {**os.environ, **cpu_process_env()})
-    run(work / "hf", args.repeats, int(args.bucket_mb * 2**20))
+    run(work / "hf", args.repeats, int(args.bucket_mb * 2**20), args.cpu_weights)
 
 
-def run(model_dir: Path, repeats: int, bucket_bytes: int) -> None:
+def run(model_dir: Path, repeats: int, bucket_bytes: int, cpu_weights: str) -> None:
     import torch.distributed as dist
 
     from mcore_r1.models.builder import load_hf_model
@@ -98,7 +106,8 @@ def run(model_dir: Path, repeats: int, bucket_bytes: int) -> None:
 
     initialize_parallel(ParallelDims(2, tp=2))
     model, hf = load_hf_model(model_dir, ModelLayout(tp=2))
-    engine = ColocatedEngine(model_dir, rollout_tp=2, max_model_len=256, skip_tokenizer_init=True)
+    engine = ColocatedEngine(model_dir, rollout_tp=2, max_model_len=256, skip_tokenizer_init=True,
+                             cpu_weights=cpu_weights)
     src = RefitSource.from_megatron(model, hf, tp=2)
     rows = []
     for path in ("zero_gather", "general"):
@@ -116,7 +125,8 @@ def run(model_dir: Path, repeats: int, bucket_bytes: int) -> None:
     engine.close()  # with the external launcher this also tears down torch.distributed
     if rank == 0:
         print(f"model: Qwen2.5-0.5B shape, float32, training TP=2 -> rollout TP=2, "
-              f"{torch.get_num_threads()} thread(s) per rank, bucket {bucket_bytes >> 20} MiB")
+              f"{torch.get_num_threads()} thread(s) per rank, bucket {bucket_bytes >> 20} MiB, "
+              f"vLLM CPU weights {cpu_weights!r}")
         for path, seconds, nbytes, base, floor in rows:
             target = 2 if path == "zero_gather" else 4
             print(f"{path:12s} refit {seconds:7.3f} s  {nbytes / 2**30:5.2f} GiB/rank  "

@@ -22,14 +22,15 @@ rank 0 (vLLM does the same internally for replicated shards) and every vocab-par
 embedding that its rows start at 0, so blocks are copied as they are. The caller checks first
 that vLLM's vocab rows per rank are the ones Megatron holds (`vocab_rows`).
 
-CPU weight layouts (`cpu_weights`). vLLM's CPU backend normally replaces every linear weight by
-a oneDNN-packed copy after loading ("packed"). An in-place reload must then rebuild each layer
-and re-pack it, which measured 1.1-3.3 s for a 0.5B float32 model, 11-33x a copy of the same
-bytes. With "plain" (the default) the engine is built keeping each linear layer's weight as an
+CPU weight layouts (`cpu_weights`). vLLM's CPU backend replaces every linear weight by a
+oneDNN-packed copy after loading ("packed", the default). An in-place reload must then rebuild
+each layer and re-pack it, which measured 1.1-3.3 s for a 0.5B float32 model, 11-33x a copy of
+the same bytes. With "plain" the engine is built keeping each linear layer's weight as an
 ordinary tensor, multiplied by oneDNN's matmul on the plain layout (`parallel.cpu_gemm`); a
 refit is then vLLM's own `load_weights` copying into the live parameters, measured 1.1x a copy.
-The price is decode speed: 119 against 146 tokens/s on that model (oneDNN's packed kernels win
-at decode-sized batches). On GPU there is no repacking and the choice does not apply.
+The price is decode speed: 119 against 146 tokens/s on that model, and 10.6-11.0 s against
+8.1-9.3 s of generation per step in the end-to-end benchmark, whose refit saves only 0.2 s;
+hence "packed" by default. On GPU there is no repacking and the choice does not apply.
 
 One repair for "packed" lives here: a tied LM head shares the embedding's storage, but vLLM
 also builds a packed GEMM handle for it at start-up. The in-place reload refreshes the
@@ -125,7 +126,7 @@ class ColocatedEngine:
     def __init__(self, model_dir: str | Path, rollout_tp: int = 1, max_model_len: int = 512,
                  seed: int = 0, kv_cache_gib: float = 1.0, enforce_eager: bool = True,
                  pixel_limits: Optional[dict] = None, max_images_per_prompt: int = 0,
-                 cpu_weights: str = "plain", **engine_options: Any):
+                 cpu_weights: str = "packed", **engine_options: Any):
         import torch.distributed as dist
 
         # The refit hands vLLM a lazy iterator of tensors living in this process, so the engine
