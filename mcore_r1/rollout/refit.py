@@ -97,6 +97,9 @@ class RefitSource:
     skip: Callable[[Rule], bool]     # duplicates (tied head) and frozen modules
     tp_group: Optional[object] = None
     pp_group: Optional[object] = None
+    # the shared-memory exchange of the general path, kept between refits: a fresh mapping
+    # would fault its pages in again on every refit
+    exchange: Optional[object] = None
 
     @classmethod
     def from_megatron(cls, model, hf: dict, tp: int, frozen: Sequence[str] = ()) -> "RefitSource":
@@ -243,8 +246,12 @@ class BucketedTPGather:
         if self.size > 1 and shards and shards[0][1].device.type == "cpu":
             from mcore_r1.parallel.shm_gather import NodeLocalExchange
 
-            largest = max(sum(t.numel() * t.element_size() for _, t in b) for b in self.pending)
-            self.shared = NodeLocalExchange.create(self.group, self.size * largest)
+            need = self.size * max(sum(t.numel() * t.element_size() for _, t in b)
+                                   for b in self.pending)
+            kept = src.exchange
+            if kept is None or kept.buffer.numel() < need:  # same on every rank: collective
+                src.exchange = kept = NodeLocalExchange.create(self.group, need)
+            self.shared = kept
 
     def __call__(self, shard: torch.Tensor) -> "list[torch.Tensor] | torch.Tensor":
         if self.size == 1:
