@@ -62,17 +62,20 @@ def use_cpu_gemm(model: torch.nn.Module) -> int:
     is selected and the model is on CPU; returns how many layers were switched."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    if not cpu_gemm.onednn_selected():
+    linears = [m for m in model.modules()
+               if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and _cpu_or_shared(m)]
+    if not linears or not cpu_gemm.onednn_selected():
         return 0
-    switched = 0
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            weight = getattr(module, "weight", None)
-            if weight is not None and weight.device.type != "cpu":
-                continue
-            module._forward_impl = _bound(module)
-            switched += 1
-    return switched
+    for module in linears:
+        module._forward_impl = _bound(module)
+    return len(linears)
+
+
+def _cpu_or_shared(module) -> bool:
+    """Its weight is on CPU, or it has none of its own (a tied output layer is handed the
+    embedding's weight at call time; the call checks the device)."""
+    weight = getattr(module, "weight", None)
+    return weight is None or weight.device.type == "cpu"
 
 
 def _bound(module):

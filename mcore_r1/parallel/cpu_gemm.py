@@ -44,7 +44,8 @@ def _onednn_problem() -> Optional[str]:
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return "torch.ops.mkldnn._linear_pointwise is missing"
     gen = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*s, generator=gen) for s in ((5, 3, 16), (24, 16), (24,)))
+    # explicit device: the caller may be inside a `torch.device("meta")` block (shape planning)
+    x, w, b = (torch.randn(*s, generator=gen, device="cpu") for s in ((5, 3, 16), (24, 16), (24,)))
     try:
         got = _onednn_linear(x, w.t().contiguous().t(), b)
     except RuntimeError as err:

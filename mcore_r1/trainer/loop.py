@@ -91,6 +91,9 @@ class Trainer:
                 update_metrics = self.update(plan, data)
             if old is None:
                 old, entropy = self.update_log_probs(batch, plan)
+                # non-finite outputs made the loss non-finite: the workers dropped the update
+                if self.nonfinite(step, {"actor/old_log_probs": old}):
+                    return {**metrics, **self.rewards.metrics(batch.rewards), "train/skipped": 1.0}
                 adv_metrics.update(mismatch_metrics(batch, old))
             with timer("refit"):
                 refit_metrics = first_of(self.workers.call("refit"))

@@ -166,16 +166,24 @@ def _micro_batch_loss(plan, samples, vocab_size, cfg: LossConfig, normaliser, gr
         logp = stack_rows(mb.split_response(logp_tok), width)
         rows = {k: take_rows(v, indices, lengths, width, logits.device) for k, v in inputs.items()}
         mask = rows["mask"].bool()
-        old = logp.detach() if kept is not None else rows["old"]
-        out = policy_fn(logp, old, rows["adv"], mask, **cfg.loss_kwargs)
-        entropy = stack_rows(mb.split_response(ent_tok), width) if cfg.entropy_coeff else None
+        poisoned = False
         if kept is not None:
             for i, lp, ent in zip(indices, mb.split_response(logp_tok), mb.split_response(metric_ent)):
                 kept[i] = (lp.detach().clone(), ent.detach().clone())
+            # Non-finite model outputs (no separate pass checked them first): the loss becomes
+            # NaN, so the optimizer step applies `trainer.nonfinite` like for any NaN loss.
+            poisoned = not bool(torch.isfinite(logp.detach()[mask]).all())
+            if poisoned:
+                logp = torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0)
+        old = logp.detach() if kept is not None else rows["old"]
+        out = policy_fn(logp, old, rows["adv"], mask, **cfg.loss_kwargs)
+        entropy = stack_rows(mb.split_response(ent_tok), width) if cfg.entropy_coeff else None
         kl = kl_penalty(logp, rows["ref"], cfg.kl_estimator, mask) if cfg.kl_coef else None
         mat = actor_loss_matrix(out.loss_mat, mask, is_weights=rows["w"], entropy=entropy,
                                 entropy_coeff=cfg.entropy_coeff, kl=kl, kl_coef=cfg.kl_coef)
         loss = aggregate_loss(mat, mask, cfg.agg_mode, normaliser=normaliser, norm_len=cfg.norm_len)
+        if poisoned:
+            loss = loss * float("nan")
         report = {"loss": loss.detach().clone(), "tokens": float(mask.sum())}
         report.update({k: float(v) for k, v in out.metrics.items()})
         if kl is not None:

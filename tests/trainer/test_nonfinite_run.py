@@ -1,6 +1,9 @@
 """`trainer.nonfinite` end to end: a learning rate of 1e35 makes the weights blow up after the
 first update, so from step 2 on the model's log-probs are NaN. `stop` ends the run naming the
-tensor; `skip` drops those steps, keeps the last finite weights and finishes."""
+tensor; `skip` drops those steps, keeps the last finite weights and finishes.
+
+These runs are on-policy (one mini-batch per step), so by default the old log-probs come from
+the update itself; `trainer.old_logprobs=recompute` checks them in a separate pass first."""
 
 import math
 import subprocess
@@ -18,16 +21,23 @@ SHORT = ["+experiment=tiny_text_grpo", "trainer.total_steps=3", "data.prompts_pe
          f"reward.function={Path(__file__).with_name('varied_reward.py')}:score", "trainer.lr=1e35"]
 
 
-def run(run_dir: Path, policy: str) -> subprocess.CompletedProcess:
+def run(run_dir: Path, policy: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mcore_r1.main", *SHORT, f"trainer.output_dir={run_dir}",
-                           f"trainer.nonfinite={policy}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                           f"trainer.nonfinite={policy}", *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_stop_names_the_tensor(tmp_path):
-    out = run(tmp_path / "run", "stop")
+    out = run(tmp_path / "run", "stop", "trainer.old_logprobs=recompute")
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert "step 2: non-finite actor/old_log_probs" in out.stderr, out.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_stop_on_policy_names_the_loss_before_any_update(tmp_path):
+    out = run(tmp_path / "run", "stop")
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "actor/loss = nan" in out.stderr and "step 2, phase step > update" in out.stderr, out.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
