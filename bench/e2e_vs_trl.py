@@ -26,10 +26,12 @@ mcore_r1 runs the way a user runs it: `python -m mcore_r1.main +experiment=tiny_
 as a subprocess, then its metrics.jsonl is read (`timing/*` per phase; `time` per record), once
 per `--mcore-layout`: `tp2` (default: two worker processes, training TP=2 and one vLLM engine of
 TP=2, i.e. both cores) and/or `1x1` (the experiment's own single worker process). Each worker
-runs torch with one thread (one Ray CPU each); TRL's single process uses all cores. Micro-batches
-hold <= `--mcore-micro-batch-tokens` (1024) packed tokens, about TRL's micro-batch of 8
-responses; the experiment's 2048 ran out of memory on the 0.4b model (the CPU attention path
-materialises a [T, T] block-diagonal mask and scores per layer).
+runs torch with `node CPUs // workers per node` threads (1x1: both cores; tp2: one each); TRL's
+single process uses all cores. Micro-batches hold <= `--mcore-micro-batch-tokens` (1024) packed
+tokens, about TRL's micro-batch of 8 responses. Each side runs with what its own start-up sets:
+mcore_r1's CPU workers multiply with oneDNN (`parallel.cpu_gemm`) and start with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`parallel.device.cpu_process_env`); TRL gets torch's
+defaults and this script's environment, as a TRL user would.
 TRL runs in a subprocess of this script (`GRPOTrainer`, a `TrainerCallback` timing each
 optimizer step; generation and reward calls are timed by wrapping the trainer's own methods).
 Seconds per step are the mean over steps 2..N (step 1 pays warm-up and lazy initialisation) of
@@ -69,14 +71,14 @@ DEFAULT_STEPS = {"tiny": 8, "0.4b": 3}  # a 0.4b step takes 1-2 minutes per side
 EXPERIMENT = "tiny_text_grpo"
 SHAPE_0_4B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2)
-# mcore_r1 layouts on this 2-core machine. Every worker process is one Ray CPU and runs torch
-# with one thread, so the experiment's own layout (one worker) leaves the second core idle.
+# mcore_r1 layouts on this 2-core machine. A worker runs torch with node CPUs // workers per node
+# threads: the experiment's own layout (one worker) computes with both cores.
 LAYOUTS = {
     "1x1": [],
     "tp2": ["parallel.tp=2", "trainer.devices_per_node=2", "rollout.tp=2"],
 }
 LAYOUT_DOC = {
-    "1x1": "the experiment's layout, one worker process (1 thread)",
+    "1x1": "the experiment's layout, one worker process (2 threads)",
     "tp2": "two worker processes (1 thread each), training TP=2, one vLLM engine of TP=2",
 }
 
