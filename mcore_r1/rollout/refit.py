@@ -97,8 +97,8 @@ class RefitSource:
     skip: Callable[[Rule], bool]     # duplicates (tied head) and frozen modules
     tp_group: Optional[object] = None
     pp_group: Optional[object] = None
-    # the shared-memory exchange of the general path, kept between refits: a fresh mapping
-    # would fault its pages in again on every refit
+    # the shared-memory exchange of the general path (TP x one bucket of /dev/shm per TP
+    # group), kept between refits: a fresh mapping would fault its pages in on every refit
     exchange: Optional[object] = None
 
     @classmethod
@@ -286,9 +286,10 @@ class BucketedTPGather:
     def _exchange_full(self, batch) -> list[torch.Tensor]:
         """Full Megatron tensors of the bucket, each rank writing its shards in place."""
         dtype = batch[0][1].dtype
+        nbytes = self.size * sum(t.numel() * t.element_size() for _, t in batch)
 
         def full_views(buffer: torch.Tensor) -> list[torch.Tensor]:
-            region, offset, views = buffer.view(dtype), 0, []
+            region, offset, views = buffer[:nbytes].view(dtype), 0, []
             for rule, shard in batch:
                 shape = list(shard.shape)
                 shape[rule.tp_dim] *= self.size
