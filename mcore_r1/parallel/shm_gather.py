@@ -55,20 +55,6 @@ class NodeLocalExchange:
         dist.barrier(group=self.group)  # every rank has written
         return self.buffer
 
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`[size, *tensor.shape]`: every rank's `tensor`, in rank order."""
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes * self.size > self.buffer.numel():
-            raise ValueError(f"all_gather of {self.size} x {nbytes} bytes does not fit the "
-                             f"{self.buffer.numel()}-byte buffer")
-
-        def fill(buffer):
-            view = buffer[:nbytes * self.size].view(tensor.dtype).view(self.size, *tensor.shape)
-            view[self.rank].copy_(tensor)
-
-        out = self.exchange(fill)
-        return out[:nbytes * self.size].view(tensor.dtype).view(self.size, *tensor.shape)
-
 
 def _create(path: Path, nbytes: int, token: str) -> bool:
     try:

@@ -361,7 +361,7 @@ def _plain_cpu_linear_weights():
     def keep_plain_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
         if layer.weight.ndim != 2 or layer.weight.is_meta:
             return original(layer, remove_weight)
-        layer.cpu_linear = lambda x, weight, bias: cpu_gemm.linear(x, weight, bias)
+        layer.cpu_linear = cpu_gemm.linear
 
     vllm_utils.dispatch_cpu_unquantized_gemm = keep_plain_weight
     try:

@@ -52,7 +52,6 @@ class Trainer:
         self.use_ref = a.kl_coef > 0
         self.use_critic = a.use_critic
         self.kl_ctrl = algos.make_kl_controller(a.kl_ctrl, a.kl_coef, a.kl_target, a.kl_horizon)
-        self.on_policy_reports: list = []  # the last update's log-probs (on-policy steps)
 
     def draw(self) -> tuple[list, list[int]]:
         keys = self.sampler.next_batch(self.cfg.data.prompts_per_step)
@@ -88,9 +87,10 @@ class Trainer:
                 if self.use_critic:
                     data.update(values=values, returns=returns)
             with timer("update"):
-                update_metrics = self.update(plan, data)
+                update_metrics, own_log_probs = self.update(plan, data)
             if old is None:
-                old, entropy = self.update_log_probs(batch, plan)
+                old, entropy = (batch.matrix(gather_by_dp(own_log_probs, plan, len(batch), key))
+                                for key in ("logp", "entropy"))
                 # non-finite outputs made the loss non-finite: the workers dropped the update
                 if self.nonfinite(step, {"actor/old_log_probs": old}):
                     return {**metrics, **self.rewards.metrics(batch.rewards), "train/skipped": 1.0}
@@ -133,18 +133,15 @@ class Trainer:
                 and plan.num_mini_batches == 1 and a.rollout_is == "off"
                 and (a.use_kl_loss or a.kl_coef == 0))  # KL in the reward reads them first
 
-    def update_log_probs(self, batch: RolloutBatch, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        reports = self.on_policy_reports
-        return (batch.matrix(gather_by_dp(reports, plan, len(batch), "logp")),
-                batch.matrix(gather_by_dp(reports, plan, len(batch), "entropy")))
-
     def per_response(self, method: str, key: str, batch: RolloutBatch, plan: BatchPlan) -> torch.Tensor:
         return batch.matrix(gather_by_dp(self.workers.call(method), plan, len(batch), key))
 
-    def update(self, plan: BatchPlan, data: dict) -> dict:
-        """`algorithm.ppo_epochs` passes over the mini-batches; one optimizer step each."""
+    def update(self, plan: BatchPlan, data: dict) -> tuple[dict, list]:
+        """`algorithm.ppo_epochs` passes over the mini-batches; one optimizer step each.
+        Returns the metrics and, for an on-policy step, the workers' own log-probs."""
         rank_rows = {i.dp_rank: plan.rank_rows(i.dp_rank) for i in self.infos}
         updates: list[dict] = []
+        own_log_probs: list = []
         for _ in range(self.cfg.algorithm.ppo_epochs):
             for m in range(plan.num_mini_batches):
                 local = plan.local_rows(m)
@@ -153,11 +150,11 @@ class Trainer:
                     rows = [rank_rows[info.dp_rank][r] for r in local]
                     calls.append((local, {k: v[rows] for k, v in data.items() if v is not None}))
                 reports = [r for r in self.workers.call_each("train_mini_batch", calls) if r]
-                self.on_policy_reports = [r.pop("on_policy") for r in reports if "on_policy" in r]
+                own_log_probs = [r.pop("on_policy") for r in reports if "on_policy" in r]
                 merged = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]}
                 merged["actor/loss"] = sum(r["actor/loss"] for r in reports)  # DP shares add up
                 updates.append(merged)
-        return {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        return {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}, own_log_probs
 
     def validate(self, step: int) -> dict:
         """Metrics on the validation prompts; every generation goes to validation/step_N.jsonl."""

@@ -1,4 +1,4 @@
-"""Shared-memory exchange between processes of one host, against gloo's all-gather."""
+"""Shared-memory exchange between processes of one host, against gloo's all-gather (each rank writing its own row)."""
 
 import os
 
@@ -21,7 +21,10 @@ def _gather_twice(rank, world):
         mine = torch.randn(6, 5, generator=torch.Generator().manual_seed(seed * 10 + rank))
         expected = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(expected, mine, group=group)
-        got = exchange.all_gather(mine).clone()
+        def fill(buffer):  # rank r writes row r, like the refit writes its shards
+            buffer[:mine.numel() * 4 * world].view(torch.float32).view(world, 6, 5)[rank].copy_(mine)
+
+        got = exchange.exchange(fill)[:mine.numel() * 4 * world].view(torch.float32).view(world, 6, 5).clone()
         out.append(all(torch.equal(got[r], expected[r]) for r in range(world)))
     leftovers = [p.name for p in shm_gather.SHM_DIR.glob(f"mcore_r1_exchange_{os.getpid()}_*")]
     return out, leftovers
