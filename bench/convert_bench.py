@@ -74,10 +74,22 @@ def warm_free_memory(gib: float) -> None:
 
 
 def baseline_copy(src: Path, dst: Path) -> None:
-    from mcore_r1.models.hf_checkpoint import HFCheckpointReader, iter_tensors, write_index, write_shards
+    """Load every tensor with safetensors' own `safe_open(...).get_tensor` (how transformers
+    reads a checkpoint) and write them back with its `save_file`, in shards of the same size
+    as the converter writes. The converter reads through its own memory map
+    (`hf_checkpoint.MappedSafetensors`), so the baseline does not."""
+    from safetensors import safe_open
+
+    from mcore_r1.models.hf_checkpoint import write_index, write_shards
+
+    def tensors():
+        for file in sorted(src.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
 
     dst.mkdir()
-    write_index(dst, write_shards(iter_tensors(HFCheckpointReader(src)), dst, max_shard_bytes=1 << 30))
+    write_index(dst, write_shards(tensors(), dst, max_shard_bytes=1 << 30))
 
 
 def baseline_rounds(work: Path, repeats: int, warm_gib: float) -> list[float]:

@@ -1,18 +1,22 @@
 """Reading and writing Hugging Face safetensors checkpoints, one tensor at a time.
 
-Reads go through `safe_open` per file, so memory holds only the tensors being converted. Writes
-produce the usual sharded layout (`model-00001-of-0000N.safetensors` plus
-`model.safetensors.index.json`) with shards bounded by a byte budget.
+Reads memory-map each file and hand out tensors that are views of the mapping, so a tensor is
+copied once, from the page cache into wherever it is going (a model parameter, or a slice of
+one), and memory holds nothing but what the caller keeps. Treat them as read-only: the
+mapping is private, so a write would change only this process's copy. Writes produce the usual
+sharded layout (`model-00001-of-0000N.safetensors` plus `model.safetensors.index.json`) with
+shards bounded by a byte budget.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -21,6 +25,66 @@ SINGLE_NAME = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A missing or unreadable checkpoint file; the message names it."""
+
+
+# safetensors dtype names (the format's header); names torch lacks are left out
+SAFETENSORS_DTYPES = {
+    name: getattr(torch, attr) for name, attr in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ) if hasattr(torch, attr)
+}
+
+
+class MappedSafetensors:
+    """One safetensors file, memory-mapped; `tensor(name)` is a view of the mapping."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            prefix = f.read(8)
+            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise CheckpointError(f"{path}: not a safetensors file (header length "
+                                      f"{header_len}, file size {size})")
+            try:
+                self.header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from err
+            # private and writable only so that torch.frombuffer gets a writable buffer
+            self._buffer = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._data_start, self._size = 8 + header_len, size
+        self.header.pop("__metadata__", None)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}, "
+                                  f"which this reader does not know")
+        shape = tuple(entry["shape"])
+        numel = 1
+        for n in shape:
+            numel *= n
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * itemsize or self._data_start + end > self._size:
+            raise CheckpointError(f"{self.path}: tensor {name!r} ({entry['dtype']} "
+                                  f"{list(shape)}) does not fit its bytes {begin}..{end} of a "
+                                  f"{self._size - self._data_start}-byte data section")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._buffer, dtype=torch.uint8, count=end - begin,
+                                offset=self._data_start + begin)
+        return flat.view(dtype).view(shape)
 
 
 class HFCheckpointReader:
@@ -35,8 +99,7 @@ class HFCheckpointReader:
             except (json.JSONDecodeError, KeyError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
         elif (self.dir / SINGLE_NAME).is_file():
-            with safe_open(self.dir / SINGLE_NAME, "pt") as f:
-                weight_map = {k: SINGLE_NAME for k in f.keys()}
+            weight_map = {k: SINGLE_NAME for k in MappedSafetensors(self.dir / SINGLE_NAME).keys()}
         else:
             raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME}")
         self.weight_map: dict[str, str] = weight_map
@@ -44,7 +107,7 @@ class HFCheckpointReader:
         if missing:
             raise CheckpointError(f"{self.dir}: shard file(s) listed in the index are missing: "
                                   + ", ".join(missing))
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, MappedSafetensors] = {}
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -64,9 +127,12 @@ class HFCheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         name = self.resolve(name)
         file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, "pt")
-        return self._handles[file].get_tensor(name)
+        if file not in self._files:
+            self._files[file] = MappedSafetensors(self.dir / file)
+        if name not in self._files[file].header:
+            raise CheckpointError(f"{self.dir / file}: tensor {name!r} is listed in the index "
+                                  f"but not in the file")
+        return self._files[file].tensor(name)
 
     __call__ = get
 

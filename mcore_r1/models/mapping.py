@@ -51,10 +51,17 @@ class Transform:
     # (shard, tp_rank, tp) -> this rank's contiguous block of each HF tensor, split along the
     # rule's TP dimension; None when no such local conversion exists
     to_hf_shard: Optional[Callable[[torch.Tensor, int, int], list[torch.Tensor]]] = None
+    # (target shard, HF tensors, tp_rank, tp, tp_dim): copy this rank's piece of
+    # `to_mcore(sources)` into `target` straight from the sources, without building the full
+    # tensor; None falls back to building it
+    fill_shard: Optional[Callable[[torch.Tensor, Sequence[torch.Tensor], int, int, int], None]] = None
 
 
 def copy_transform() -> Transform:
-    return Transform("copy", lambda ts: ts[0], lambda t: [t], lambda t, rank, tp: [t])
+    def fill_shard(target, ts, rank, tp, dim):
+        target.copy_(ts[0].chunk(tp, dim=dim)[rank] if tp > 1 else ts[0])
+
+    return Transform("copy", lambda ts: ts[0], lambda t: [t], lambda t, rank, tp: [t], fill_shard)
 
 
 def qkv_transform(num_heads: int, num_groups: int, head_dim: int) -> Transform:
@@ -80,16 +87,30 @@ def qkv_transform(num_heads: int, num_groups: int, head_dim: int) -> Transform:
         # a TP shard holds whole query groups, so it is the same layout with fewer groups
         return qkv_transform(num_heads // tp, num_groups // tp, head_dim).to_hf(shard)
 
-    return Transform("qkv", to_mcore, to_hf, to_hf_shard)
+    def fill_shard(target, ts, rank, tp, dim):
+        q, k, v = ts
+        rest, local = q.shape[1:], num_groups // tp
+        groups = slice(rank * local, (rank + 1) * local)
+        dst = target.view(local, (per_group + 2) * head_dim, *rest)
+        q_rows = per_group * head_dim
+        dst[:, :q_rows].copy_(q.view(num_groups, q_rows, *rest)[groups])
+        dst[:, q_rows:q_rows + head_dim].copy_(k.view(num_groups, head_dim, *rest)[groups])
+        dst[:, q_rows + head_dim:].copy_(v.view(num_groups, head_dim, *rest)[groups])
+
+    return Transform("qkv", to_mcore, to_hf, to_hf_shard, fill_shard)
 
 
 def gate_up_transform() -> Transform:
     def to_hf(t: torch.Tensor) -> list[torch.Tensor]:
         return [x.contiguous() for x in t.chunk(2, dim=0)]
 
+    def fill_shard(target, ts, rank, tp, dim):
+        for half, source in zip(target.chunk(2, dim=0), ts):
+            half.copy_(source.chunk(tp, dim=0)[rank])
+
     # a TP shard is [gate_r; up_r] (see Rule.split)
     return Transform("gate_up", lambda ts: torch.cat([ts[0], ts[1]], dim=0), to_hf,
-                     lambda t, rank, tp: to_hf(t))
+                     lambda t, rank, tp: to_hf(t), fill_shard)
 
 
 def vocab_transform(vocab_size: int, padded_size: int) -> Transform:
@@ -104,7 +125,14 @@ def vocab_transform(vocab_size: int, padded_size: int) -> Transform:
         rows = shard.shape[0]  # padding rows sit at the end of the last shards
         return [shard[:max(0, min(rows, vocab_size - rank * rows))]]
 
-    return Transform("vocab", to_mcore, lambda t: [t[:vocab_size].contiguous()], to_hf_shard)
+    def fill_shard(target, ts, rank, tp, dim):
+        rows = target.shape[0]
+        real = max(0, min(rows, ts[0].shape[0] - rank * rows))
+        target[:real].copy_(ts[0][rank * rows:rank * rows + real])
+        target[real:].zero_()
+
+    return Transform("vocab", to_mcore, lambda t: [t[:vocab_size].contiguous()], to_hf_shard,
+                     fill_shard)
 
 
 @dataclass(frozen=True)
@@ -128,6 +156,17 @@ class Rule:
             gate, up = full.chunk(2, dim=0)
             return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]], dim=0)
         return full.chunk(tp, dim=self.tp_dim)[tp_rank]
+
+    def fill(self, target: torch.Tensor, sources: Sequence[torch.Tensor], tp_rank: int,
+             tp: int) -> None:
+        """`target.copy_(self.split(self.transform.to_mcore(sources), tp_rank, tp))`, copying
+        each source byte once (the caller has checked the shapes)."""
+        if self.tp_dim is None:
+            tp_rank, tp = 0, 1
+        if self.transform.fill_shard is None:
+            target.copy_(self.split(self.transform.to_mcore(sources), tp_rank, tp))
+        else:
+            self.transform.fill_shard(target, sources, tp_rank, tp, self.tp_dim)
 
     def merge(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of `split`: the full Megatron tensor from all TP ranks' pieces (rank order)."""
@@ -235,24 +274,31 @@ def load_hf_weights(
     targets = model.state_dict(keep_vars=True)
     for binding in bindings:
         sources = [get_hf_tensor(name) for name in binding.hf_names]
-        try:
-            full = binding.rule.transform.to_mcore(sources)
-        except RuntimeError as err:
-            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(binding.hf_names, sources))
-            raise MappingError(f"{binding.local_name}: cannot build from {shapes}: {err}") from err
-        shard = binding.rule.split(full, tp_rank, tp)
         target = targets[binding.local_name]
-        if shard.shape != target.shape:
-            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(binding.hf_names, sources))
-            raise MappingError(
-                f"{binding.local_name}: checkpoint gives shape {tuple(shard.shape)} (from "
-                f"{shapes}) but the model expects {tuple(target.shape)} at TP rank {tp_rank}/{tp}"
-            )
+        _check_shard_shape(binding, sources, target, tp_rank, tp)
         with torch.no_grad():
-            target.copy_(shard)
+            binding.rule.fill(target, sources, tp_rank, tp)
         if progress:
             progress(binding)
     return len(bindings)
+
+
+def _check_shard_shape(binding: Binding, sources: Sequence[torch.Tensor], target: torch.Tensor,
+                       tp_rank: int, tp: int) -> None:
+    """Raise a MappingError naming the tensors and shapes unless this rank's piece of the
+    sources fits `target`; worked out on meta tensors, so nothing is copied."""
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(binding.hf_names, sources))
+    metas = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in sources]
+    try:
+        full = binding.rule.transform.to_mcore(metas)
+    except RuntimeError as err:
+        raise MappingError(f"{binding.local_name}: cannot build from {shapes}: {err}") from err
+    shard = binding.rule.split(full, tp_rank, tp)
+    if shard.shape != target.shape:
+        raise MappingError(
+            f"{binding.local_name}: checkpoint gives shape {tuple(shard.shape)} (from "
+            f"{shapes}) but the model expects {tuple(target.shape)} at TP rank {tp_rank}/{tp}"
+        )
 
 
 def export_hf_weights(

@@ -50,16 +50,16 @@ def save_model(module: torch.nn.Module, optimizer, scheduler, path: Path, model_
     """Write one model chunk (DDP's `.module`) and its optimizer and scheduler state."""
     from megatron.core import dist_checkpointing
 
-    from mcore_r1.models.convert import sync_save_strategy
+    from mcore_r1.models.dist_io import save_strategy
 
     _mkdir_rank0(path / model_dir)
     dist_checkpointing.save(module.sharded_state_dict(), str(path / model_dir),
-                            sharded_strategy=sync_save_strategy())
+                            sharded_strategy=save_strategy())
     _mkdir_rank0(path / optimizer_dir)
     state = {"optimizer": optimizer.sharded_state_dict(module.sharded_state_dict(),
                                                        metadata=_optimizer_metadata(optimizer)),
              "scheduler": scheduler.state_dict()}
-    dist_checkpointing.save(state, str(path / optimizer_dir), sharded_strategy=sync_save_strategy())
+    dist_checkpointing.save(state, str(path / optimizer_dir), sharded_strategy=save_strategy())
 
 
 def load_model(module: torch.nn.Module, optimizer, scheduler, path: Path, model_dir: str,
@@ -67,15 +67,19 @@ def load_model(module: torch.nn.Module, optimizer, scheduler, path: Path, model_
     """Load one model chunk and its optimizer/scheduler state, at this run's layout."""
     from megatron.core import dist_checkpointing
 
+    from mcore_r1.models.dist_io import load_strategy
+
     for sub in (model_dir, optimizer_dir):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"checkpoint {path} has no {sub}/ directory")
-    weights = dist_checkpointing.load(module.sharded_state_dict(), str(path / model_dir))
+    weights = dist_checkpointing.load(module.sharded_state_dict(), str(path / model_dir),
+                                      sharded_strategy=load_strategy())
     module.load_state_dict(weights, strict=True)
     template = {"optimizer": optimizer.sharded_state_dict(
         module.sharded_state_dict(), is_loading=True, metadata=_optimizer_metadata(optimizer)),
         "scheduler": None}
-    state = dist_checkpointing.load(template, str(path / optimizer_dir))
+    state = dist_checkpointing.load(template, str(path / optimizer_dir),
+                                    sharded_strategy=load_strategy())
     optimizer.load_state_dict(state["optimizer"])
     # Megatron keeps fp32 master copies for bf16/fp16 training; refresh the model's weights
     # from them so both agree (a no-op for the fp32 optimizer).

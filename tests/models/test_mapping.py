@@ -91,6 +91,67 @@ def test_sharded_write_and_read(tmp_path):
         reader.get("nope")
 
 
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_fill_equals_split_of_the_full_tensor(tp):
+    """`Rule.fill` copies straight from the HF tensors; the reference is the full Megatron
+    tensor built by `to_mcore` and cut by `split`."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    heads, groups, head_dim, hidden = 8, 4, 3, 5
+    cases = [
+        (Rule("qkv.w", ("q", "k", "v"), qkv_transform(heads, groups, head_dim), tp_dim=0),
+         [rand(heads * head_dim, hidden), rand(groups * head_dim, hidden),
+          rand(groups * head_dim, hidden)]),
+        (Rule("qkv.b", ("q", "k", "v"), qkv_transform(heads, groups, head_dim), tp_dim=0),
+         [rand(heads * head_dim), rand(groups * head_dim), rand(groups * head_dim)]),
+        (Rule("fc1", ("g", "u"), gate_up_transform(), tp_dim=0), [rand(8, hidden), rand(8, hidden)]),
+        (Rule("col", ("w",), copy_transform(), tp_dim=0), [rand(8, hidden)]),
+        (Rule("row", ("w",), copy_transform(), tp_dim=1), [rand(hidden, 8)]),
+        (Rule("norm", ("w",), copy_transform()), [rand(hidden)]),
+        # 11 rows padded to a multiple of TP: the last shards hold padding only
+        (Rule("emb", ("e",), vocab_transform(11, padded_vocab_size(11, tp)), tp_dim=0),
+         [rand(11, hidden)]),
+    ]
+    for rule, sources in cases:
+        full = rule.transform.to_mcore(sources)
+        for rank in range(tp):
+            expected = rule.split(full, rank, tp)
+            target = torch.full_like(expected, float("nan"))
+            rule.fill(target, sources, rank, tp)
+            assert torch.equal(target, expected), (rule.mcore, rank)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.int8, torch.bool])
+def test_mapped_reader_matches_safetensors(tmp_path, dtype):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors = {"a": (torch.randn(3, 5) * 4).to(dtype), "b": torch.ones(7).to(dtype),
+               "empty": torch.zeros(0, 4).to(dtype), "scalar": torch.tensor(1).to(dtype)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = HFCheckpointReader(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        for name in tensors:
+            got, want = reader.get(name), f.get_tensor(name)
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+def test_truncated_safetensors_names_file_and_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(4), "b": torch.ones(1024)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-100])
+    reader = HFCheckpointReader(tmp_path)
+    assert torch.equal(reader.get("a"), torch.ones(4))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'b' .* does not fit"):
+        reader.get("b")
+    (tmp_path / "model.safetensors").write_bytes(b"\x10" * 8)
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        HFCheckpointReader(tmp_path)
+
+
 def test_missing_shard_is_named(tmp_path):
     shards = write_shards(iter([("a", torch.ones(2)), ("b", torch.ones(2))]), tmp_path, max_shard_bytes=8)
     write_index(tmp_path, shards)

@@ -1,0 +1,339 @@
+"""Synchronous save and single-copy load of Megatron's `torch_dist` checkpoints.
+
+The files are exactly what megatron.core.dist_checkpointing writes and reads (torch
+distributed checkpoint: `__<rank>_0.distcp` files plus `.metadata`), so a checkpoint written
+here loads with Megatron's own strategies at any TP/PP and the other way round. What differs
+is the work done per byte:
+
+- Saving runs in the calling process. Megatron's default strategy is built for asynchronous
+  training checkpoints: it starts a manager process and forks writers on every save, seconds
+  of fixed cost that dominate a one-off conversion.
+- Loading copies each stored tensor once, from the page cache into its destination. Torch's
+  reader reads every record into a buffer, `torch.load`s it into a fresh tensor and then
+  copies the slice it needs: three passes over the bytes and a full-size allocation for each
+  tensor. Here each `.distcp` file is memory-mapped, the record's tensor header is read, and
+  the requested slice is copied from the mapping straight into the model's parameter.
+
+Every record is a `torch.save` archive (a stored, uncompressed zip). The fast path reads only
+what it understands: a little-endian archive whose pickle is exactly one tensor of a standard
+dtype, rebuilt by `torch._utils._rebuild_tensor_v2`. Anything else (another pickle, a
+compressed or transformed record, a newer tensor encoding) is handed to torch's own reader
+unchanged, so the fast path can make a load faster but never different.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import mmap
+import pickle
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def save_strategy(fsync: bool = True, checksums: bool = True):
+    """Megatron's torch_dist format, written synchronously in this process.
+
+    `fsync=False` leaves flushing to the kernel. Training checkpoints keep it on: a run resumes
+    from them unattended after a crash. The converter turns it off, like the safetensors files
+    it writes on the other side (and transformers' `save_pretrained`): an interrupted
+    conversion is simply run again.
+
+    `checksums=False` skips the CRC-32 that `torch.save` computes over every record (0.16 s
+    per GB here); readers accept records without one. The converter's safetensors output has
+    no checksums either. Training checkpoints keep them.
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    class SyncTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            crc_was = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(checksums)
+            try:
+                dcp.save(mtorch.mcore_to_pyt_state_dict(state, False),
+                         storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                                             sync_files=fsync),
+                         planner=mtorch.MCoreSavePlanner(
+                             dedup_replicated_tensors=not self.keep_only_main_replica,
+                             flatten_state_dict=False))
+            finally:
+                torch.serialization.set_crc32_options(crc_was)
+
+    return SyncTorchDistSave("torch_dist", 1)
+
+
+def load_strategy():
+    """Megatron's torch_dist load, reading through `MappedFileSystemReader`."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    class MappedTorchDistLoad(mtorch.TorchDistLoadShardedStrategy):
+        # Megatron's `load` with the reader swapped; the key handling is its own helpers.
+        def load(self, sharded_state_dict, checkpoint_dir):
+            tensors = [t for t in nested_values(sharded_state_dict)
+                       if isinstance(t, ShardedTensor)]
+            flexible = [t for t in tensors if not t.allow_shape_mismatch]
+            mismatch_ok = {t.key: t for t in tensors if t.allow_shape_mismatch}
+            original = sharded_state_dict
+            sharded_state_dict, flat_mapping, rename_mapping = (
+                mtorch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict))
+            pyt_state_dict = mtorch.mcore_to_pyt_state_dict(sharded_state_dict, True)
+            reader = self.reader = mapped_reader_class()(checkpoint_dir)
+            dcp.load(pyt_state_dict, storage_reader=reader, planner=mtorch.MCoreLoadPlanner(
+                shapes_validation_sharded_tensors=flexible,
+                allow_shape_mismatch_sharded_tensors=mismatch_ok))
+            self.cached_global_metadata = reader.read_metadata()
+            state = {k: mtorch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
+            state = mtorch._replace_sharded_keys_with_state_dict_keys(
+                state, flat_mapping, rename_mapping)
+            mtorch._restore_dict_types(state, original)
+            return state
+
+    return MappedTorchDistLoad()
+
+
+# ---- reading one torch.save record in place -------------------------------------------------
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class UnsupportedRecord(Exception):
+    """A record the fast path does not read; torch's reader takes it instead."""
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where a stored tensor's bytes are and how the tensor views them."""
+
+    data_offset: int  # of the storage bytes, from the start of the record
+    data_bytes: int
+    dtype: torch.dtype
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Storage:
+    dtype: torch.dtype
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _Rebuilt:
+    storage: _Storage
+    storage_offset: int
+    size: tuple
+    stride: tuple
+
+
+class _TensorPickle(pickle.Unpickler):
+    """Reads `data.pkl` of a single-tensor archive without touching any storage bytes; any
+    global other than the plain tensor rebuild is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: _Rebuilt(storage, offset,
+                                                                     tuple(size), tuple(stride))
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return name
+        raise UnsupportedRecord(f"pickle global {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and pid[1] in _STORAGE_DTYPES):
+            raise UnsupportedRecord(f"persistent id {pid!r}")
+        return _Storage(_STORAGE_DTYPES[pid[1]], str(pid[2]), int(pid[4]))
+
+
+class _Window(io.RawIOBase):
+    """A read-only file over `buffer[start:start + length]`, for zipfile."""
+
+    def __init__(self, buffer, start: int, length: int):
+        self._view, self._pos = memoryview(buffer)[start:start + length], 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos + (0, self._pos, len(self._view))[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, out) -> int:
+        n = max(0, min(len(out), len(self._view) - self._pos))
+        out[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
+def _member_offset(buffer, start: int, info: zipfile.ZipInfo) -> int:
+    """Offset of a stored member's bytes from the archive start, read from its local header."""
+    at = start + info.header_offset
+    signature, name_len, extra_len = struct.unpack("<I22xHH", bytes(memoryview(buffer)[at:at + 30]))
+    if signature != 0x04034B50 or info.compress_type != zipfile.ZIP_STORED:
+        raise UnsupportedRecord(f"member {info.filename} is not a stored zip entry")
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _member_bytes(buffer, start: int, info: zipfile.ZipInfo) -> bytes:
+    # read directly: zipfile checks CRC-32s, and records saved without checksums have none
+    at = start + _member_offset(buffer, start, info)
+    return bytes(memoryview(buffer)[at:at + info.file_size])
+
+
+def read_tensor_record(buffer, start: int, length: int) -> TensorRecord:
+    """Parse the `torch.save` archive at `buffer[start:start+length]` holding one tensor."""
+    if sys.byteorder != "little":  # the bytes are copied as they are
+        raise UnsupportedRecord("big-endian host")
+    window = _Window(buffer, start, length)
+    try:
+        with zipfile.ZipFile(window) as archive:
+            infos = {info.filename: info for info in archive.infolist()}
+    except (zipfile.BadZipFile, ValueError) as err:
+        raise UnsupportedRecord(str(err)) from err
+    finally:
+        window.close()
+    pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise UnsupportedRecord(f"{len(pickles)} data.pkl entries")
+    prefix = pickles[0][:-len("data.pkl")]
+    order = infos.get(prefix + "byteorder")
+    if order is not None and _member_bytes(buffer, start, order) != b"little":
+        raise UnsupportedRecord("big-endian archive")
+    try:
+        rebuilt = _TensorPickle(io.BytesIO(_member_bytes(buffer, start, infos[pickles[0]]))).load()
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError) as err:
+        raise UnsupportedRecord(f"data.pkl: {err}") from err
+    if not isinstance(rebuilt, _Rebuilt):
+        raise UnsupportedRecord(f"pickle holds a {type(rebuilt).__name__}, not a tensor")
+    storage = rebuilt.storage
+    data = infos.get(f"{prefix}data/{storage.key}")
+    itemsize = torch.empty((), dtype=storage.dtype).element_size()
+    if data is None or data.file_size != storage.numel * itemsize:
+        raise UnsupportedRecord(f"storage record {storage.key} is missing or has the wrong size")
+    return TensorRecord(_member_offset(buffer, start, data), data.file_size, storage.dtype,
+                        rebuilt.storage_offset, rebuilt.size, rebuilt.stride)
+
+
+def byte_view(buffer, start: int, record: TensorRecord) -> torch.Tensor:
+    """The stored tensor as a uint8 view of `buffer` whose last dimension is its bytes, so
+    copies never depend on how the record happens to be aligned in the file."""
+    itemsize = torch.empty((), dtype=record.dtype).element_size()
+    size = record.size + (itemsize,)
+    stride = tuple(s * itemsize for s in record.stride) + (1,)
+    if record.data_bytes == 0:
+        base = torch.empty(0, dtype=torch.uint8)
+    else:
+        base = torch.frombuffer(buffer, dtype=torch.uint8, offset=start + record.data_offset,
+                                count=record.data_bytes)
+    return base.as_strided(size, stride, record.storage_offset * itemsize)
+
+
+def narrowed_bytes(view: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    """`narrow_tensor_by_index` on a `byte_view` (its extra last dimension untouched)."""
+    for dim, (offset, length) in enumerate(zip(offsets, lengths)):
+        if offset != 0 or length != view.shape[dim]:
+            view = view.narrow(dim, offset, length)
+    return view
+
+
+def mapped_reader_class():
+    """Megatron's metadata-caching FileSystemReader, reading tensors through `mmap`."""
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
+    from torch.futures import Future
+
+    class MappedFileSystemReader(CachedMetadataFileSystemReader):
+        copied = declined = 0  # tensor reads by this path and handed to torch's
+
+        def read_data(self, plan, planner):
+            per_file: dict[str, list] = {}
+            others = []
+            for req in plan.items:
+                info = self.storage_data[req.storage_index]
+                if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
+                    others.append(req)
+                else:
+                    per_file.setdefault(info.relative_path, []).append(req)
+            for relative_path, reqs in per_file.items():
+                others += self._copy_from_file(relative_path, reqs, planner)
+            if others:
+                super().read_data(LoadPlan(others), planner)
+            self.declined += sum(req.type != LoadItemType.BYTE_IO for req in others)
+            future: Future = Future()
+            future.set_result(None)
+            return future
+
+        def _copy_from_file(self, relative_path: str, reqs, planner) -> list:
+            """Copy each request's slice out of the mapped file; returns those it could not."""
+            path = self.fs.concat_path(self.path, relative_path)
+            with open(path, "rb") as f:
+                # private and writable only so that torch.frombuffer gets a writable buffer;
+                # nothing writes to it
+                buffer = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            records: dict[int, Optional[TensorRecord]] = {}
+            declined = []
+            try:
+                for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
+                    info = self.storage_data[req.storage_index]
+                    if info.offset not in records:
+                        try:
+                            records[info.offset] = read_tensor_record(buffer, info.offset,
+                                                                      info.length)
+                        except UnsupportedRecord:
+                            records[info.offset] = None
+                    record = records[info.offset]
+                    target = planner.resolve_tensor(req).detach()
+                    if record is None or target.dtype != record.dtype:
+                        declined.append(req)
+                        continue
+                    source = narrowed_bytes(byte_view(buffer, info.offset, record),
+                                            req.storage_offsets, req.lengths)
+                    if source.shape[:-1] != target.shape:
+                        raise AssertionError(f"{relative_path}: record {req.storage_index} has "
+                                             f"shape {tuple(source.shape[:-1])}, the target "
+                                             f"{tuple(target.shape)}")
+                    target.unsqueeze(-1).view(torch.uint8).copy_(source)
+                    del source
+                    self.copied += 1
+                    planner.commit_tensor(req, target)
+            finally:
+                try:
+                    buffer.close()
+                except BufferError:  # a view is still referenced; the mapping goes with it
+                    pass
+            return declined
+
+    return MappedFileSystemReader
+
