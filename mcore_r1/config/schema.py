@@ -162,6 +162,7 @@ class TrainerConfig:
     mini_batch_size: int = knob(16, "Responses per optimizer update (global); divides prompts_per_step * n")
     micro_batch_tokens: int = knob(4096, "Token budget of one packed micro-batch on one rank")
     packing: str = knob("auto", "Attention over packed micro-batches on Megatron's local layers (CPU): auto/segments = per sequence; mask = one block-diagonal [T, T] mask (O(T^2) memory; the default job's recorded recipe). GPU with TransformerEngine: auto only")
+    share_prompts: str = knob("auto", "Pack the responses of one prompt around a single copy of the prompt (same results, a prompt's tokens computed once): auto = where it applies (local layers with 'segments' attention, text-only batches); off = every response with its own prompt")
     old_logprobs: str = knob("auto", "Old-policy log-probs: auto (on-policy steps, i.e. one epoch and one mini-batch per rollout batch with no KL in the reward and no rollout_is, take them from the update's own forward instead of a separate pass) or recompute (always a separate pass)")
     val_every: int = knob(5, "Validate every N steps; 0 = never")
     save_every: int = knob(0, "Checkpoint every N steps (and always at the end and on SIGTERM/SIGINT); 0 = only then")

@@ -172,9 +172,13 @@ def _layout_problems(cfg: Config, shape: Optional[ModelShape], local_run: bool) 
             f"{r.max_new_tokens} = {longest} tokens"
         )
     from mcore_r1.workers.batching import PACKING_SETTINGS
+    from mcore_r1.workers.prompt_sharing import SHARING_SETTINGS
 
     if t.packing not in PACKING_SETTINGS:
         problems.append(f"trainer.packing={t.packing!r} is not one of {', '.join(PACKING_SETTINGS)}")
+    if t.share_prompts not in SHARING_SETTINGS:
+        problems.append(f"trainer.share_prompts={t.share_prompts!r} is not one of "
+                        f"{', '.join(SHARING_SETTINGS)}")
     if t.old_logprobs not in ("auto", "recompute"):
         problems.append(f"trainer.old_logprobs={t.old_logprobs!r} is not one of auto, recompute")
     return problems

@@ -11,8 +11,10 @@ row, although only the blocks on the diagonal are used. At the CPU trainer's def
 `PackedSeqParams` with `qkv_format="sbhd"` and `cu_seqlens_q` (see
 `mcore_r1.workers.batching.segment_params`), it runs causal `scaled_dot_product_attention`
 on each sequence separately: memory and compute grow with the sum of the squared sequence
-lengths instead of the square of their total. Without those parameters (no packing, or the
-vision tower's arbitrary masks) Megatron's own implementation runs unchanged.
+lengths instead of the square of their total. A segment may instead come with its own boolean
+mask (`block_masks`, set by `mcore_r1.workers.prompt_sharing` for a prompt and its responses
+packed together), which then replaces the causal one. Without those parameters (no packing,
+or the vision tower's arbitrary masks) Megatron's own implementation runs unchanged.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ class SegmentedDotProductAttention(DotProductAttention):
         k = key[:, 0].transpose(0, 1).repeat_interleave(repeat, dim=0)
         v = value[:, 0].transpose(0, 1).repeat_interleave(repeat, dim=0)
         dropout = self.attention_dropout.p if self.training else 0.0
+        masks = getattr(packed_seq_params, "block_masks", None) or [None] * len(segments)
         out = torch.cat([
-            F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True,
-                                           dropout_p=dropout, scale=self.softmax_scale)
-            for a, b in segments], dim=1)                                # [heads, T, dim]
+            F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], attn_mask=mask,
+                                           is_causal=mask is None, dropout_p=dropout,
+                                           scale=self.softmax_scale)
+            for (a, b), mask in zip(segments, masks)], dim=1)             # [heads, T, dim]
         return out.transpose(0, 1).reshape(query.size(0), 1, self.hidden_size_per_partition)

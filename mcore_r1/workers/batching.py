@@ -177,10 +177,6 @@ class MicroBatch:
     packed: bool = False
     vision: dict = field(default_factory=dict)  # pixel_values, image_grid_thw (first PP stage)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.length for _, _, s in self.spans)
-
     def model_kwargs(self) -> dict:
         kwargs = {}
         if self.packed_seq_params is not None:

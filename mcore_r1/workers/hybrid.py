@@ -85,10 +85,12 @@ class HybridWorker:
         from mcore_r1.workers.sequences import SampleBuilder
 
         from mcore_r1.workers.batching import set_packing_format
+        from mcore_r1.workers.prompt_sharing import set_prompt_sharing
 
         cfg = self.cfg
         p, t = cfg.parallel, cfg.trainer
         set_packing_format(t.packing)
+        set_prompt_sharing(t.share_prompts)
         world = int(os.environ["WORLD_SIZE"])
         initialize_parallel(ParallelDims(world, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep), seed=t.seed)
         layout = ModelLayout(tp=p.tp, pp=p.pp)

@@ -120,12 +120,19 @@ def row_multiple(model: torch.nn.Module) -> int:
 def make_micro_batches(samples: Sequence[Sample], max_tokens: int, packed: bool = True,
                        fmt: Optional[str] = None, device=None, pad_to_multiple: int = 1,
                        ) -> tuple[list[list[int]], list[MicroBatch]]:
-    """The token-budget plan and its micro-batches (packed rows, or padded as the reference)."""
+    """The token-budget plan and its micro-batches (packed rows, or padded as the reference).
+    Packed rows share each prompt among its responses where `prompt_sharing.applies`."""
     from mcore_r1.parallel import device as devmod
+    from mcore_r1.workers import prompt_sharing
+    from mcore_r1.workers.batching import packing_format
 
     if not samples:
         raise ValueError("no samples to form micro-batches from")
     device = device or devmod.get_device()
+    fmt = fmt or packing_format()
+    if packed and prompt_sharing.applies(samples, fmt):
+        return prompt_sharing.make_shared_micro_batches(samples, max_tokens, fmt,
+                                                        pad_to_multiple, device)
     plan = plan_micro_batches([s.length for s in samples], max_tokens)
     groups = [[samples[i] for i in group] for group in plan]
     if packed:
