@@ -49,15 +49,16 @@ class SegmentedDotProductAttention(DotProductAttention):
         if segments[-1][1] != query.size(0):
             raise ValueError(f"cu_seqlens end at {segments[-1][1]} but the packed row has "
                              f"{query.size(0)} tokens")
-        repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        q = query[:, 0].transpose(0, 1)                                  # [heads, T, dim]
-        k = key[:, 0].transpose(0, 1).repeat_interleave(repeat, dim=0)
-        v = value[:, 0].transpose(0, 1).repeat_interleave(repeat, dim=0)
+        # [1, heads, T, dim]: 4-D inputs let CPU SDPA use its flash kernel (3-D ones take the
+        # math path: explicit score matrices and batched matmuls), and `enable_gqa` reads each
+        # key/value group for its query heads without copying it per head
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         masks = getattr(packed_seq_params, "block_masks", None) or [None] * len(segments)
         out = torch.cat([
-            F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], attn_mask=mask,
-                                           is_causal=mask is None, dropout_p=dropout,
-                                           scale=self.softmax_scale)
-            for (a, b), mask in zip(segments, masks)], dim=1)             # [heads, T, dim]
-        return out.transpose(0, 1).reshape(query.size(0), 1, self.hidden_size_per_partition)
+            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                           attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=dropout, scale=self.softmax_scale,
+                                           enable_gqa=True)
+            for (a, b), mask in zip(segments, masks)], dim=2)             # [1, heads, T, dim]
+        return out[0].transpose(0, 1).reshape(query.size(0), 1, self.hidden_size_per_partition)
