@@ -21,6 +21,9 @@ Transforms:
 Each transform can also turn one TP rank's Megatron shard straight into that rank's
 contiguous block of every HF tensor (`to_hf_shard`), the layout tensor-parallel inference
 engines load; `export_hf_shards` uses it so a rank can hand over its weights without gathering.
+The other way, `fill_shard` copies each HF tensor's piece straight into this rank's shard, so
+loading a checkpoint copies every byte once (`Rule.fill`; the same result as
+`split(to_mcore(...))`, which stays the definition).
 """
 
 from __future__ import annotations
@@ -93,9 +96,9 @@ def qkv_transform(num_heads: int, num_groups: int, head_dim: int) -> Transform:
         groups = slice(rank * local, (rank + 1) * local)
         dst = target.view(local, (per_group + 2) * head_dim, *rest)
         q_rows = per_group * head_dim
-        dst[:, :q_rows].copy_(q.view(num_groups, q_rows, *rest)[groups])
-        dst[:, q_rows:q_rows + head_dim].copy_(k.view(num_groups, head_dim, *rest)[groups])
-        dst[:, q_rows + head_dim:].copy_(v.view(num_groups, head_dim, *rest)[groups])
+        dst[:, :q_rows].copy_(q.reshape(num_groups, q_rows, *rest)[groups])
+        dst[:, q_rows:q_rows + head_dim].copy_(k.reshape(num_groups, head_dim, *rest)[groups])
+        dst[:, q_rows + head_dim:].copy_(v.reshape(num_groups, head_dim, *rest)[groups])
 
     return Transform("qkv", to_mcore, to_hf, to_hf_shard, fill_shard)
 
