@@ -130,3 +130,31 @@ def test_shared_prompts_equal_plain_packing_and_transformers(model_dir, tp, pp):
             assert (shared - plain).abs().max().item() <= 1e-5
         assert abs(loss_s - loss_p) <= 1e-6
     assert checked == (tp if pp == 1 else 1)
+
+
+def _critic_values(rank, world_size, model_dir):
+    from mcore_r1.models.builder import load_hf_model
+    from mcore_r1.models.dense import ModelLayout
+    from mcore_r1.parallel import ParallelDims
+    from mcore_r1.parallel.runtime import initialize_parallel
+    from mcore_r1.workers import prompt_sharing
+    from mcore_r1.workers.critic import attach_value_head, compute_values
+
+    initialize_parallel(ParallelDims(world_size))
+    model, _ = load_hf_model(model_dir, ModelLayout())
+    attach_value_head(model)
+    with torch.no_grad():  # a head that is not zero, so the values depend on every position
+        model.output_layer.weight.normal_(generator=torch.Generator().manual_seed(2))
+    out = {}
+    for setting in ("auto", "off"):
+        prompt_sharing.set_prompt_sharing(setting)
+        out[setting] = compute_values(model, samples(), 24)
+    return out
+
+
+def test_critic_values_are_read_at_the_same_states(model_dir):
+    (out,) = run_workers(_critic_values, 1, model_dir)
+    assert [v.numel() for v in out["auto"]] == [x.response_len for x in samples()]
+    assert max(v.abs().max().item() for v in out["off"]) > 1e-3
+    for shared, plain in zip(out["auto"], out["off"]):  # values of size ~1-8: relative bound
+        torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
