@@ -87,7 +87,9 @@ def plan_groups(samples: Sequence[Sample], max_tokens: int) -> list[list[list[in
     lengths = [group_tokens(samples, unit) for unit in units]
     for unit, n in zip(units, lengths):
         if n > max_tokens:  # one response alone: prefix + 1 + response = its plain length
-            plan_micro_batches([samples[unit[0]].length], max_tokens)  # raises, naming the budget
+            raise ValueError(f"sequence {unit[0]} has {n} tokens, more than the micro-batch "
+                             f"budget trainer.micro_batch_tokens={max_tokens}; raise the budget "
+                             "or shorten prompts/responses")
     return [[units[u] for u in bin_] for bin_ in plan_micro_batches(lengths, max_tokens)]
 
 

@@ -55,7 +55,7 @@ def test_plan_splits_a_group_over_budget_and_keeps_every_sample():
     assert all(sum(group_tokens(s, g) for g in mb) <= 15 for mb in planned)
     pieces_of_a = [g for mb in planned for g in mb if set(g) & {0, 2, 4}]
     assert len(pieces_of_a) > 1 and sorted(sum(pieces_of_a, [])) == [0, 2, 4]
-    with pytest.raises(ValueError, match="more than the micro-batch budget"):
+    with pytest.raises(ValueError, match="sequence 3 has 15 tokens, more than the micro-batch budget"):
         plan_groups(s, max_tokens=14)  # prompt C + its response: 15 tokens
 
 
