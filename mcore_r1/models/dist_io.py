@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import io
-import mmap
 import pickle
 import struct
 import sys
@@ -236,8 +235,7 @@ def read_tensor_record(buffer, start: int, length: int) -> TensorRecord:
         raise UnsupportedRecord(f"pickle holds a {type(rebuilt).__name__}, not a tensor")
     storage = rebuilt.storage
     data = infos.get(f"{prefix}data/{storage.key}")
-    itemsize = torch.empty((), dtype=storage.dtype).element_size()
-    if data is None or data.file_size != storage.numel * itemsize:
+    if data is None or data.file_size != storage.numel * storage.dtype.itemsize:
         raise UnsupportedRecord(f"storage record {storage.key} is missing or has the wrong size")
     return TensorRecord(_member_offset(buffer, start, data), data.file_size, storage.dtype,
                         rebuilt.storage_offset, rebuilt.size, rebuilt.stride)
@@ -246,7 +244,7 @@ def read_tensor_record(buffer, start: int, length: int) -> TensorRecord:
 def byte_view(buffer, start: int, record: TensorRecord) -> torch.Tensor:
     """The stored tensor as a uint8 view of `buffer` whose last dimension is its bytes, so
     copies never depend on how the record happens to be aligned in the file."""
-    itemsize = torch.empty((), dtype=record.dtype).element_size()
+    itemsize = record.dtype.itemsize
     size = record.size + (itemsize,)
     stride = tuple(s * itemsize for s in record.stride) + (1,)
     if record.data_bytes == 0:
@@ -257,19 +255,15 @@ def byte_view(buffer, start: int, record: TensorRecord) -> torch.Tensor:
     return base.as_strided(size, stride, record.storage_offset * itemsize)
 
 
-def narrowed_bytes(view: torch.Tensor, offsets, lengths) -> torch.Tensor:
-    """`narrow_tensor_by_index` on a `byte_view` (its extra last dimension untouched)."""
-    for dim, (offset, length) in enumerate(zip(offsets, lengths)):
-        if offset != 0 or length != view.shape[dim]:
-            view = view.narrow(dim, offset, length)
-    return view
-
-
 def mapped_reader_class():
     """Megatron's metadata-caching FileSystemReader, reading tensors through `mmap`."""
     from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
         CachedMetadataFileSystemReader,
     )
+    # torch's own reader narrows with it; it leaves a byte view's extra last dimension alone
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+
+    from mcore_r1.models.hf_checkpoint import map_file
     from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
     from torch.futures import Future
 
@@ -298,10 +292,7 @@ def mapped_reader_class():
             """Copy each request's slice out of the mapped file; returns those it could not."""
             path = self.fs.concat_path(self.path, relative_path)
             with open(path, "rb") as f:
-                # private and writable only so that torch.frombuffer gets a writable buffer;
-                # nothing writes to it
-                buffer = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                buffer = map_file(f)
             records: dict[int, Optional[TensorRecord]] = {}
             declined = []
             try:
@@ -318,8 +309,8 @@ def mapped_reader_class():
                     if record is None or target.dtype != record.dtype:
                         declined.append(req)
                         continue
-                    source = narrowed_bytes(byte_view(buffer, info.offset, record),
-                                            req.storage_offsets, req.lengths)
+                    source = narrow_tensor_by_index(byte_view(buffer, info.offset, record),
+                                                    req.storage_offsets, req.lengths)
                     if source.shape[:-1] != target.shape:
                         raise AssertionError(f"{relative_path}: record {req.storage_index} has "
                                              f"shape {tuple(source.shape[:-1])}, the target "

@@ -11,6 +11,7 @@ shards bounded by a byte budget.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -38,6 +39,13 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def map_file(f) -> mmap.mmap:
+    """The whole open file `f`, memory-mapped for reading into tensors. The mapping is private
+    and writable only so that `torch.frombuffer` gets a writable buffer; nothing writes to it
+    (a write would change this process's copy, never the file)."""
+    return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
 class MappedSafetensors:
     """One safetensors file, memory-mapped; `tensor(name)` is a view of the mapping."""
 
@@ -55,9 +63,7 @@ class MappedSafetensors:
                 self.header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from err
-            # private and writable only so that torch.frombuffer gets a writable buffer
-            self._buffer = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._buffer = map_file(f)
         self._data_start, self._size = 8 + header_len, size
         self.header.pop("__metadata__", None)
 
@@ -72,11 +78,8 @@ class MappedSafetensors:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}, "
                                   f"which this reader does not know")
         shape = tuple(entry["shape"])
-        numel = 1
-        for n in shape:
-            numel *= n
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != numel * itemsize or self._data_start + end > self._size:
+        numel = math.prod(shape)
+        if end - begin != numel * dtype.itemsize or self._data_start + end > self._size:
             raise CheckpointError(f"{self.path}: tensor {name!r} ({entry['dtype']} "
                                   f"{list(shape)}) does not fit its bytes {begin}..{end} of a "
                                   f"{self._size - self._data_start}-byte data section")

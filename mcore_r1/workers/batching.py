@@ -199,7 +199,7 @@ class MicroBatch:
         return contextlib.nullcontext()
 
 
-def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
@@ -246,9 +246,9 @@ def pack(samples: Sequence[Sample], fmt: Optional[str] = None, pad_to_multiple: 
         params = segment_params(lengths, device)
     else:
         params = thd_params(lengths, device)
-    mb = MicroBatch(input_ids, position_ids, _next_token_labels(input_ids), mask, params, spans,
+    mb = MicroBatch(input_ids, position_ids, next_token_labels(input_ids), mask, params, spans,
                     packed=True, vision=_vision(samples))
-    return _to(_add_image_mask(mb), device)
+    return to_device(_add_image_mask(mb), device)
 
 
 def _pad_positions(like: torch.Tensor, n: int) -> torch.Tensor:
@@ -315,9 +315,9 @@ def pad(samples: Sequence[Sample], pad_id: int = 0, device: Optional[torch.devic
     position_ids = torch.stack(pos_list, dim=-2)  # [B, T] or [3, B, T]
     mask = causal_mask(width, padding_mask=real)
     spans = [(b, 0, s) for b, s in enumerate(samples)]
-    mb = MicroBatch(input_ids, position_ids, _next_token_labels(input_ids), mask, None, spans,
+    mb = MicroBatch(input_ids, position_ids, next_token_labels(input_ids), mask, None, spans,
                     vision=_vision(samples))
-    return _to(_add_image_mask(mb), device)
+    return to_device(_add_image_mask(mb), device)
 
 
 def _vision(samples: Sequence[Sample]) -> dict:
@@ -341,7 +341,7 @@ def _add_image_mask(mb: MicroBatch) -> MicroBatch:
     return mb
 
 
-def _to(mb: MicroBatch, device: Optional[torch.device]) -> MicroBatch:
+def to_device(mb: MicroBatch, device: Optional[torch.device]) -> MicroBatch:
     if device is None:
         return mb
     mb.vision = {k: v.to(device) for k, v in mb.vision.items()}

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 
 from mcore_r1.workers.batching import (
-    MicroBatch, Sample, _next_token_labels, _to, plan_micro_batches, segment_params,
+    MicroBatch, Sample, next_token_labels, plan_micro_batches, segment_params, to_device,
 )
 
 SHARING_SETTINGS = ("auto", "off")  # trainer.share_prompts
@@ -161,9 +161,9 @@ def pack_groups(samples: Sequence[Sample], groups: Sequence[Sequence[int]], fmt:
     else:
         params = segment_params([layout.length for layout in layouts], device)
         params.block_masks = [layout.allowed().to(params.cu_seqlens_q.device) for layout in layouts]
-    mb = MicroBatch(input_ids, position_ids, _next_token_labels(input_ids), mask, params, spans,
+    mb = MicroBatch(input_ids, position_ids, next_token_labels(input_ids), mask, params, spans,
                     packed=True)
-    return _to(mb, device)
+    return to_device(mb, device)
 
 
 def make_shared_micro_batches(samples: Sequence[Sample], max_tokens: int, fmt: str,
