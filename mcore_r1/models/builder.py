@@ -57,9 +57,25 @@ def build_model(
 
             model = QwenVLModel(hf, family, layout, dtype, pre_process, post_process, vp_stage,
                                 init_weights=init_weights)
+    cast_parameters(model, dtype)
     mark_tensor_parallel_weights(model)
     use_cpu_gemm(model)
     return model
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Put every floating-point parameter in `dtype`; returns how many were cast.
+
+    Megatron builds its torch norm layers in the default dtype (float32) whatever
+    `params_dtype` says, and its own training loop casts them when it wraps the model for
+    bf16 (`Float16Module`). We do not wrap, so we cast: a bf16 model is bf16 throughout, as
+    the HF checkpoint and the vLLM engine refitted from it are."""
+    cast = 0
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 @contextlib.contextmanager

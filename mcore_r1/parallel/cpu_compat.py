@@ -12,7 +12,10 @@ CPU-only machine we redirect it instead of forking Megatron:
 * Megatron's CUDA RNG tracker is replaced by one with the same semantics (named, forkable
   streams seeded per TP rank) over CPU generator states;
 * gradient clipping by total norm (which asserts `torch.cuda.FloatTensor` grads) gets a CPU
-  twin with the same arithmetic, installed where Megatron's optimizer looks it up.
+  twin with the same arithmetic, installed where Megatron's optimizer looks it up;
+* Megatron's mixed-precision optimizer sorts parameters by their `Tensor.type()` name and
+  refuses anything but `torch.cuda.*Tensor`; `cuda_type_names()` answers with those names for
+  CPU tensors while it is built (only then: other code may rely on the true names).
 
 The layer is process-global and idempotent, activated by `device.ensure_runtime()` only when
 CUDA is absent; `deactivate()` undoes it (tests). Torch function modes are thread-local: code
@@ -57,6 +60,31 @@ class CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
+                    torch.float16: "torch.cuda.HalfTensor"}
+
+
+class CudaTypeNamesMode(TorchFunctionMode):
+    """`t.type()` of a CPU float tensor gives the CUDA type name of its dtype."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.Tensor.type and len(args) == 1 and not kwargs
+                and args[0].device.type == "cpu" and args[0].dtype in _CUDA_TYPE_NAMES):
+            return _CUDA_TYPE_NAMES[args[0].dtype]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """Within the block, CPU tensors report CUDA type names (a no-op when the layer is off)."""
+    if not _state["active"]:
+        yield
+        return
+    with CudaTypeNamesMode():
+        yield
 
 
 class CpuRNGStatesTracker:

@@ -146,7 +146,9 @@ class HybridWorker:
             seed=r.seed + replica, kv_cache_gib=r.cpu_kv_cache_gib, enforce_eager=r.enforce_eager,
             pixel_limits=pixel_limits(d.min_pixels, d.max_pixels) if vl else None,
             max_images_per_prompt=max_images_per_prompt if vl else 0,
-            cpu_weights=r.cpu_weights, gpu_memory_utilization=r.gpu_memory_utilization)
+            cpu_weights=r.cpu_weights, gpu_memory_utilization=r.gpu_memory_utilization,
+            # vLLM holds the weights in the trainer's dtype: a refit is then a plain copy
+            dtype=str(training_dtype(self.cfg.model.dtype)).removeprefix("torch."))
 
     # -- rollout ----------------------------------------------------------------------------
 
@@ -328,13 +330,15 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, dtype: torch.dtype, tot
     # fp32 master weights and Adam moments of that share on the CPU; it rides on the
     # precision-aware code path, so no second fp32 copy stays on the GPU.
     offload = t.optimizer_offload_fraction if on_gpu else 0.0
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, min_lr=min(t.min_lr, lr), weight_decay=t.weight_decay,
-                        clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16,
-                        fp16=dtype == torch.float16, params_dtype=dtype,
-                        use_distributed_optimizer=on_gpu, optimizer_cpu_offload=offload > 0,
-                        optimizer_offload_fraction=offload,
-                        use_precision_aware_optimizer=offload > 0), [ddp])
+    from mcore_r1.parallel.cpu_compat import cuda_type_names
+
+    settings = OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=min(t.min_lr, lr), weight_decay=t.weight_decay,
+        clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        params_dtype=dtype, use_distributed_optimizer=on_gpu, optimizer_cpu_offload=offload > 0,
+        optimizer_offload_fraction=offload, use_precision_aware_optimizer=offload > 0)
+    with cuda_type_names():  # its bf16/fp16 wrapper accepts only CUDA type names
+        optimizer = get_megatron_optimizer(settings, [ddp])
     # Megatron's schedule all-reduces DP gradients (and tied embeddings over PP) through these.
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.grad_scale_func = optimizer.scale_loss

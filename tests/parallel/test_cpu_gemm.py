@@ -57,3 +57,16 @@ def test_environment_forces_torch_and_rejects_unknown_values():
     assert forced.returncode == 0 and forced.stdout.strip() == "False"
     bad = _selected_with("mkl")
     assert bad.returncode != 0 and "MCORE_R1_CPU_GEMM='mkl'" in bad.stderr
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+def test_bfloat16_goes_to_onednn_only_where_the_cpu_has_avx512():
+    # oneDNN builds bf16 primitives from AVX-512 BW/VL/DQ up; on AVX2-only CPUs it refuses them
+    # ("could not create a primitive descriptor"), so `linear` must keep bf16 on torch there
+    avx512 = {"avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags()
+    assert (torch.bfloat16 in cpu_gemm.onednn_dtypes()) == (avx512 and cpu_gemm.onednn_selected())
+    assert torch.float32 in cpu_gemm.onednn_dtypes() or not cpu_gemm.onednn_selected()
