@@ -50,8 +50,11 @@ def llm_options(model_dir: str | Path, *, tp: int, seed: int, max_model_len: int
                 enforce_eager: bool, on_gpu: bool, gpu_memory_utilization: float = 0.5,
                 backend: Optional[str] = None, pixel_limits: Optional[dict] = None,
                 max_images_per_prompt: int = 0, sleep_mode: bool = False,
-                **extra: Any) -> dict[str, Any]:
+                dtype: Optional[str] = None, **extra: Any) -> dict[str, Any]:
     """The keyword arguments of vLLM's `LLM` for these settings.
+
+    `dtype` is the weights' dtype in vLLM; by default the checkpoint's on GPU and float32 on
+    CPU. A colocated engine passes the trainer's, so that a refit copies without converting.
 
     `sleep_mode` asks for an engine that can free its KV cache and weights while Megatron
     trains (`LLM.sleep`), which vLLM only offers on GPU and only when the engine is built
@@ -63,7 +66,7 @@ def llm_options(model_dir: str | Path, *, tp: int, seed: int, max_model_len: int
         model=str(model_dir), tensor_parallel_size=tp, seed=seed,
         max_model_len=max_model_len, enforce_eager=enforce_eager,
         distributed_executor_backend=backend or ("uni" if tp == 1 else None),
-        dtype="auto" if on_gpu else "float32",
+        dtype=dtype or ("auto" if on_gpu else "float32"),
     )
     if on_gpu:
         options["gpu_memory_utilization"] = gpu_memory_utilization

@@ -38,3 +38,22 @@ def test_colocated_gpu_engine_can_sleep_and_cpu_engine_is_float32():
 def test_single_rank_engines_run_in_process():
     assert llm_options("/m", on_gpu=False, **{**COMMON, "tp": 1})["distributed_executor_backend"] == "uni"
     assert llm_options("/m", on_gpu=False, **COMMON)["distributed_executor_backend"] is None
+
+
+
+def vllm_dtype_names() -> set[str]:
+    import typing
+
+    from vllm.config.model import ModelConfig
+
+    literal = next(a for a in typing.get_args(typing.get_type_hints(ModelConfig)["dtype"])
+                   if typing.get_origin(a) is typing.Literal)
+    return set(typing.get_args(literal))
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "float16"])
+def test_colocated_engine_takes_the_trainers_dtype(name):
+    # hybrid workers pass str(training dtype) without "torch.": vLLM must know each such name
+    for on_gpu in (False, True):
+        assert llm_options("/m", on_gpu=on_gpu, dtype=name, **COMMON)["dtype"] == name
+    assert name in vllm_dtype_names()
