@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from mcore_r1.models.hf_checkpoint import frombuffer, map_file
+
 
 def save_strategy(fsync: bool = True, checksums: bool = True):
     """Megatron's torch_dist format, written synchronously in this process.
@@ -209,9 +211,17 @@ def _member_bytes(buffer, start: int, info: zipfile.ZipInfo) -> bytes:
 
 
 def read_tensor_record(buffer, start: int, length: int) -> TensorRecord:
-    """Parse the `torch.save` archive at `buffer[start:start+length]` holding one tensor."""
+    """Parse the `torch.save` archive at `buffer[start:start+length]` holding one tensor.
+    Anything it cannot parse, corrupt bytes included, raises `UnsupportedRecord`."""
     if sys.byteorder != "little":  # the bytes are copied as they are
         raise UnsupportedRecord("big-endian host")
+    try:
+        return _parse_tensor_record(buffer, start, length)
+    except (struct.error, KeyError, IndexError) as err:  # truncated or inconsistent archive
+        raise UnsupportedRecord(f"malformed record: {err!r}") from err
+
+
+def _parse_tensor_record(buffer, start: int, length: int) -> TensorRecord:
     window = _Window(buffer, start, length)
     try:
         with zipfile.ZipFile(window) as archive:
@@ -231,8 +241,8 @@ def read_tensor_record(buffer, start: int, length: int) -> TensorRecord:
         rebuilt = _TensorPickle(io.BytesIO(_member_bytes(buffer, start, infos[pickles[0]]))).load()
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError) as err:
         raise UnsupportedRecord(f"data.pkl: {err}") from err
-    if not isinstance(rebuilt, _Rebuilt):
-        raise UnsupportedRecord(f"pickle holds a {type(rebuilt).__name__}, not a tensor")
+    if not isinstance(rebuilt, _Rebuilt) or not isinstance(rebuilt.storage, _Storage):
+        raise UnsupportedRecord(f"pickle holds a {type(rebuilt).__name__}, not a plain tensor")
     storage = rebuilt.storage
     data = infos.get(f"{prefix}data/{storage.key}")
     if data is None or data.file_size != storage.numel * storage.dtype.itemsize:
@@ -250,8 +260,7 @@ def byte_view(buffer, start: int, record: TensorRecord) -> torch.Tensor:
     if record.data_bytes == 0:
         base = torch.empty(0, dtype=torch.uint8)
     else:
-        base = torch.frombuffer(buffer, dtype=torch.uint8, offset=start + record.data_offset,
-                                count=record.data_bytes)
+        base = frombuffer(buffer, start + record.data_offset, record.data_bytes)
     return base.as_strided(size, stride, record.storage_offset * itemsize)
 
 
@@ -262,8 +271,6 @@ def mapped_reader_class():
     )
     # torch's own reader narrows with it; it leaves a byte view's extra last dimension alone
     from torch.distributed._shard._utils import narrow_tensor_by_index
-
-    from mcore_r1.models.hf_checkpoint import map_file
     from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
     from torch.futures import Future
 
@@ -289,41 +296,39 @@ def mapped_reader_class():
             return future
 
         def _copy_from_file(self, relative_path: str, reqs, planner) -> list:
-            """Copy each request's slice out of the mapped file; returns those it could not."""
+            """Copy each request's slice out of the mapped file; returns those it could not.
+
+            The mapping is never closed explicitly: views made by `frombuffer` keep the mmap
+            object alive, not its mapping, and `close()` would unmap under any view still held
+            (by a traceback, say). It is unmapped when the last reference goes."""
             path = self.fs.concat_path(self.path, relative_path)
             with open(path, "rb") as f:
                 buffer = map_file(f)
             records: dict[int, Optional[TensorRecord]] = {}
             declined = []
-            try:
-                for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
-                    info = self.storage_data[req.storage_index]
-                    if info.offset not in records:
-                        try:
-                            records[info.offset] = read_tensor_record(buffer, info.offset,
-                                                                      info.length)
-                        except UnsupportedRecord:
-                            records[info.offset] = None
-                    record = records[info.offset]
-                    target = planner.resolve_tensor(req).detach()
-                    if record is None or target.dtype != record.dtype:
-                        declined.append(req)
-                        continue
-                    source = narrow_tensor_by_index(byte_view(buffer, info.offset, record),
-                                                    req.storage_offsets, req.lengths)
-                    if source.shape[:-1] != target.shape:
-                        raise AssertionError(f"{relative_path}: record {req.storage_index} has "
-                                             f"shape {tuple(source.shape[:-1])}, the target "
-                                             f"{tuple(target.shape)}")
-                    target.unsqueeze(-1).view(torch.uint8).copy_(source)
-                    del source
-                    self.copied += 1
-                    planner.commit_tensor(req, target)
-            finally:
-                try:
-                    buffer.close()
-                except BufferError:  # a view is still referenced; the mapping goes with it
-                    pass
+            for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
+                info = self.storage_data[req.storage_index]
+                if info.offset not in records:
+                    try:
+                        records[info.offset] = read_tensor_record(buffer, info.offset, info.length)
+                    except UnsupportedRecord:
+                        records[info.offset] = None
+                record = records[info.offset]
+                # decide before resolve_tensor: a resolved request must be committed (Megatron's
+                # planner keeps per-request state between the two, e.g. for FP8 targets)
+                if record is None or planner.lookup_tensor(req.dest_index).dtype != record.dtype:
+                    declined.append(req)
+                    continue
+                target = planner.resolve_tensor(req).detach()
+                source = narrow_tensor_by_index(byte_view(buffer, info.offset, record),
+                                                req.storage_offsets, req.lengths)
+                if source.shape[:-1] != target.shape:
+                    raise AssertionError(f"{relative_path}: record {req.storage_index} has shape "
+                                         f"{tuple(source.shape[:-1])}, the target "
+                                         f"{tuple(target.shape)}")
+                target.unsqueeze(-1).view(torch.uint8).copy_(source)
+                self.copied += 1
+                planner.commit_tensor(req, target)
             return declined
 
     return MappedFileSystemReader

@@ -2,8 +2,8 @@
 
 Reads memory-map each file and hand out tensors that are views of the mapping, so a tensor is
 copied once, from the page cache into wherever it is going (a model parameter, or a slice of
-one), and memory holds nothing but what the caller keeps. Treat them as read-only: the
-mapping is private, so a write would change only this process's copy. Writes produce the usual
+one), and memory holds nothing but what the caller keeps. They must be treated as read-only:
+the mapping is, and a write into it faults. Writes produce the usual
 sharded layout (`model-00001-of-0000N.safetensors` plus `model.safetensors.index.json`) with
 shards bounded by a byte budget.
 """
@@ -14,8 +14,9 @@ import json
 import math
 import mmap
 import struct
+import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -40,10 +41,24 @@ SAFETENSORS_DTYPES = {
 
 
 def map_file(f) -> mmap.mmap:
-    """The whole open file `f`, memory-mapped for reading into tensors. The mapping is private
-    and writable only so that `torch.frombuffer` gets a writable buffer; nothing writes to it
-    (a write would change this process's copy, never the file)."""
-    return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    """The whole open file `f`, memory-mapped read-only.
+
+    Read-only, not a private writable copy: Linux reserves memory for the whole length of a
+    private writable mapping, so a file larger than free memory failed to map (ENOMEM) even
+    though only the pages read are ever loaded. Views of it come from `frombuffer`."""
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{f.name}: cannot memory-map it ({err})") from err
+
+
+def frombuffer(buffer: mmap.mmap, offset: int, count: int) -> torch.Tensor:
+    """`count` bytes of a read-only mapping as a uint8 tensor, without a copy. The tensor must
+    only be read: torch cannot mark it read-only (hence the warning silenced here), and a write
+    into the mapping faults."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(buffer, dtype=torch.uint8, count=count, offset=offset)
 
 
 class MappedSafetensors:
@@ -85,8 +100,7 @@ class MappedSafetensors:
                                   f"{self._size - self._data_start}-byte data section")
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._buffer, dtype=torch.uint8, count=end - begin,
-                                offset=self._data_start + begin)
+        flat = frombuffer(self._buffer, self._data_start + begin, end - begin)
         return flat.view(dtype).view(shape)
 
 
@@ -96,13 +110,15 @@ class HFCheckpointReader:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
         index = self.dir / INDEX_NAME
+        self._files: dict[str, MappedSafetensors] = {}
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
         elif (self.dir / SINGLE_NAME).is_file():
-            weight_map = {k: SINGLE_NAME for k in MappedSafetensors(self.dir / SINGLE_NAME).keys()}
+            self._files[SINGLE_NAME] = MappedSafetensors(self.dir / SINGLE_NAME)
+            weight_map = {k: SINGLE_NAME for k in self._files[SINGLE_NAME].keys()}
         else:
             raise CheckpointError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME}")
         self.weight_map: dict[str, str] = weight_map
@@ -110,7 +126,6 @@ class HFCheckpointReader:
         if missing:
             raise CheckpointError(f"{self.dir}: shard file(s) listed in the index are missing: "
                                   + ", ".join(missing))
-        self._files: dict[str, MappedSafetensors] = {}
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -189,7 +204,3 @@ def write_index(out_dir: str | Path, shards: list[tuple[str, list[str], int]]) -
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
 
-
-def iter_tensors(reader: HFCheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in reader.keys():
-        yield name, reader.get(name)

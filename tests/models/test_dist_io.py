@@ -2,6 +2,7 @@
 
 import io
 import pickle
+import struct
 
 import pytest
 import torch
@@ -66,8 +67,31 @@ def test_records_it_does_not_understand_are_refused():
         dist_io._TensorPickle(io.BytesIO(evil)).load()
 
 
+def _local_headers_moved_to(record: bytes, offset: int) -> bytes:
+    """The archive with every central-directory entry pointing its local header at `offset`."""
+    out, at = bytearray(record), record.find(b"PK\x01\x02")
+    while at != -1:
+        struct.pack_into("<I", out, at + 42, offset)
+        at = record.find(b"PK\x01\x02", at + 4)
+    return bytes(out)
+
+
+def test_corrupt_records_are_refused_not_crashed_on():
+    record = _archive(torch.randn(4, 4), crc=False)
+    broken = (
+        record[:40] + record[-200:],  # the middle cut out
+        b"\0" * 64 + record[64:],  # the first local header overwritten
+        _local_headers_moved_to(record, len(record) - 10),  # headers past the end: short read
+    )
+    for data in broken:
+        with pytest.raises(dist_io.UnsupportedRecord):
+            dist_io.read_tensor_record(data, 0, len(data))
+
+
 FULL = {"rows": torch.arange(48.0).reshape(8, 6),
         "cols": torch.arange(100.0, 124.0).reshape(4, 6).to(torch.bfloat16)}
+# saved as bf16, loaded into float32: the fast path declines it and torch's reader converts
+CAST = "cast"
 
 
 def _save_and_load(rank, world_size, directory):
@@ -84,6 +108,8 @@ def _save_and_load(rank, world_size, directory):
             "rows", FULL["rows"].chunk(world_size, 0)[rank].clone(), (0, rank, world_size)),
         "cols": ShardedTensor.from_rank_offsets(
             "cols", FULL["cols"].chunk(world_size, 1)[rank].contiguous(), (1, rank, world_size)),
+        CAST: ShardedTensor.from_rank_offsets(
+            CAST, FULL["cols"].chunk(world_size, 0)[rank].clone(), (0, rank, world_size)),
     }
     dist_checkpointing.save(saved, directory,
                             sharded_strategy=dist_io.save_strategy(fsync=False, checksums=False))
@@ -95,6 +121,8 @@ def _save_and_load(rank, world_size, directory):
             piece = full.chunk(world_size, split_dim)[rank]
             out[key] = ShardedTensor.from_rank_offsets(
                 key, torch.full_like(piece.contiguous(), -1), (split_dim, rank, world_size))
+        out[CAST] = ShardedTensor.from_rank_offsets(
+            CAST, torch.full(FULL["cols"].chunk(world_size, 0)[rank].shape, -1.0), (0, rank, world_size))
         return out
 
     strategy = dist_io.load_strategy()
@@ -112,5 +140,9 @@ def test_resharded_load_matches_megatron_reader(tmp_path):
             expected = full.chunk(2, 1)[rank]
             assert fast[key].dtype == full.dtype and torch.equal(fast[key], expected), key
             assert torch.equal(reference[key], expected), key
-        # each rank's column slice overlaps both saved row shards of "rows" and one of "cols"
-        assert (copied, declined) == (3, 0)
+        assert fast[CAST].dtype == torch.float32
+        assert torch.equal(fast[CAST], FULL["cols"].chunk(2, 0)[rank].float())
+        assert torch.equal(reference[CAST], fast[CAST])
+        # each rank's column slice overlaps both saved row shards of "rows" and one of "cols";
+        # the float32 target of the bf16 record goes to torch's reader
+        assert (copied, declined) == (3, 1)

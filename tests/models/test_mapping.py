@@ -108,9 +108,12 @@ def test_fill_equals_split_of_the_full_tensor(tp):
         (Rule("col", ("w",), copy_transform(), tp_dim=0), [rand(8, hidden)]),
         (Rule("row", ("w",), copy_transform(), tp_dim=1), [rand(hidden, 8)]),
         (Rule("norm", ("w",), copy_transform()), [rand(hidden)]),
-        # 11 rows padded to a multiple of TP: the last shards hold padding only
+        # 11 rows padded to a multiple of TP: at TP=4 the last shard holds 2 rows and padding
         (Rule("emb", ("e",), vocab_transform(11, padded_vocab_size(11, tp)), tp_dim=0),
          [rand(11, hidden)]),
+        # 9 rows: at TP=4 (12 padded, 3 per rank) the last shard holds padding only
+        (Rule("emb9", ("e",), vocab_transform(9, padded_vocab_size(9, tp)), tp_dim=0),
+         [rand(9, hidden)]),
     ]
     for rule, sources in cases:
         full = rule.transform.to_mcore(sources)
