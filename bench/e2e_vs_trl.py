@@ -46,7 +46,9 @@ transformers generation (what a CPU user gets) is the baseline.
 
 TRL is a bench-only extra: `uv pip install -e .[bench]` (or `pip install trl==1.16.0`).
 The timings are wall-clock on a shared machine; the load average at the start of each run is
-printed so a noisy run can be recognised.
+printed so a noisy run can be recognised. Before the runs, `bench/step_floor.py` measures this
+machine's float32 GEMM peak and memory bandwidth, and the report prints the step floor they
+imply (the ratio below which no trainer can go here).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from step_floor import StepShape, describe as describe_floor, measure as measure_floor  # noqa: E402
 
 PROMPTS, RESPONSES, NEW_TOKENS = 8, 4, 64
 DEFAULT_STEPS = {"tiny": 8, "0.4b": 3}  # a 0.4b step takes 1-2 minutes per side on 2 cores
@@ -373,6 +377,10 @@ def bench_size(size: str, args, workdir: Path) -> None:
     for layout, overrides in runs.items():
         print(f"mcore_r1 [{layout}: {LAYOUT_DOC[layout]}]: python -m mcore_r1.main " + " ".join(overrides),
               flush=True)
+    # the machine's limits, measured before either trainer runs (bench/step_floor.py)
+    shape = StepShape(PROMPTS, RESPONSES, NEW_TOKENS, statistics.mean(map(len, spec["prompt_ids"])))
+    floor = measure_floor(json.loads((model_dir / "config.json").read_text()), shape)
+    print(describe_floor(floor), flush=True)
 
     if args.trl_vllm:
         settings = trl_settings(cfg, 1, args.trl_micro_batch, True, workdir / f"{size}_trl_vllm")
@@ -397,10 +405,10 @@ def bench_size(size: str, args, workdir: Path) -> None:
               f"(load {os.getloadavg()[0]:.2f}) ...", flush=True)
         results[layout] = run_mcore(overrides, workdir / f"{size}_mcore_{layout}_run",
                                     workdir / f"{size}_mcore_{layout}.log")
-    report(size, params, trl, results)
+    report(size, params, trl, results, floor)
 
 
-def report(size: str, params: int, trl: dict, mcore: dict[str, dict]) -> None:
+def report(size: str, params: int, trl: dict, mcore: dict[str, dict], floor: dict) -> None:
     t_step = mean_after_first(trl["step_s"])
     t_gen = sum(trl["gen_tokens"][1:]) / sum(trl["phases"]["generate"][1:])
     target = 0.25 if size != "tiny" else 3.0
@@ -419,6 +427,9 @@ def report(size: str, params: int, trl: dict, mcore: dict[str, dict]) -> None:
         print(f"{'mcore_r1 ' + layout:14s} {m_step:8.2f} {m_step / t_step:7.3f} {m_gen:10.1f} "
               f"{statistics.mean(mc['lengths']):9.1f}  " + " ".join(f"{s:.2f}" for s in mc["step_s"]))
     print(f"ratio = mcore_r1 s/step / TRL s/step (issue 11 target <= {target:g})")
+    print(f"{'floor':14s} {floor['total']:8.2f} {floor['total'] / t_step:7.3f}  linear-layer FLOPs "
+          "at this machine's GEMM peak + decoding and Adam at its memory bandwidth: no float32 "
+          "trainer's ratio can be lower here")
     print("whole invocation incl. start-up: TRL " + f"{trl['wall']:.0f} s"
           + "".join(f", mcore_r1 {layout} {mc['wall']:.0f} s" for layout, mc in mcore.items()
                     if "error" not in mc))

@@ -156,5 +156,9 @@ def test_critic_values_are_read_at_the_same_states(model_dir):
     (out,) = run_workers(_critic_values, 1, model_dir)
     assert [v.numel() for v in out["auto"]] == [x.response_len for x in samples()]
     assert max(v.abs().max().item() for v in out["off"]) > 1e-3
-    for shared, plain in zip(out["auto"], out["off"]):  # values of size ~1-8: relative bound
-        torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    # float32 rounding relative to the values' scale (~1-8): a value near zero after
+    # cancellation differs by more than 1e-5 of itself (seen: 1.3e-5 at 0.028 on an AVX2 CPU),
+    # a value read at the wrong state by O(1)
+    scale = max(v.abs().max().item() for v in out["off"])
+    worst = max((s - p).abs().max().item() for s, p in zip(out["auto"], out["off"]))
+    assert worst <= 1e-5 * scale, (worst, scale)
