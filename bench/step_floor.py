@@ -7,7 +7,7 @@ This script measures, in the same run, the two machine limits that bound that wo
 - GEMM throughput: the best of torch's matmul and oneDNN's (`parallel.cpu_gemm`) on a
   [tokens, hidden] x [hidden, ffn] product of the model's own shape, on all cores;
 - memory read bandwidth: a sum over a 1 GiB tensor (decoding a batch reads every weight
-  once per token; Adam reads and writes its state once per step).
+  once per decode step; Adam reads and writes its state once per step).
 
 and prints the floor: linear-layer FLOPs at that throughput plus bytes at that bandwidth.
 Attention scores, norms, activations, sampling and every fixed cost count as zero, so no
@@ -93,10 +93,12 @@ def floor_seconds(hf: dict, shape: StepShape, gflops: float, gbs: float,
     prompt_tokens = shape.prompts * shape.prompt_tokens
     tokens = prompt_tokens + shape.prompts * shape.responses * shape.new_tokens
     flop_s = gflops * 1e9
+    generated = shape.prompts * shape.responses * shape.new_tokens
     return {
-        # prefill is arithmetic; each decode step reads every weight once for the whole batch
-        "generation": 2 * linear * prompt_tokens / flop_s
-                      + linear * dtype_bytes * shape.new_tokens / (gbs * 1e9),
+        # every token passes every weight once (prefill and decode alike), and each decode step
+        # reads every weight once for the whole batch: the slower of the two bounds
+        "generation": max(2 * linear * (prompt_tokens + generated) / flop_s,
+                          linear * dtype_bytes * shape.new_tokens / (gbs * 1e9)),
         "reference": 2 * linear * tokens / flop_s,
         "update": 6 * linear * tokens / flop_s,
         # Adam: read weight, grad, two moments; write weight and moments (float32 state)

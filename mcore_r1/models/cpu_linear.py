@@ -1,8 +1,9 @@
 """Megatron's tensor-parallel linear layers on CPU, with their GEMMs on `parallel.cpu_gemm`.
 
 Megatron's local (non-TransformerEngine) linear layers compute with `torch.matmul`, which on
-CPU is MKL's float32 GEMM; `cpu_gemm.linear` is about twice as fast on AMD CPUs at the same
-precision. `use_cpu_gemm(model)` points each `ColumnParallelLinear`/`RowParallelLinear` of a
+CPU is MKL's float32 GEMM; `cpu_gemm.linear` picks oneDNN where that is faster (about twice
+on AMD CPUs with AVX-512, same precision) and torch's kernel elsewhere, so every CPU machine
+runs this one code path. `use_cpu_gemm(model)` points each `ColumnParallelLinear`/`RowParallelLinear` of a
 CPU model at `cpu_linear_impl`, an autograd function with Megatron's semantics for what CPU
 training uses: forward, input gradient (all-reduced over TP when Megatron asks for it, issued
 before the weight gradient so the two overlap), weight and bias gradients, frozen weights
@@ -58,13 +59,14 @@ def cpu_linear_impl(module, input, weight, bias, gradient_accumulation_fusion, a
 
 
 def use_cpu_gemm(model: torch.nn.Module) -> int:
-    """Route the model's tensor-parallel linear layers through `cpu_linear_impl` when oneDNN
-    is selected and the model is on CPU; returns how many layers were switched."""
+    """Route the model's tensor-parallel linear layers through `cpu_linear_impl` when the
+    model is on CPU (unless MCORE_R1_CPU_GEMM=torch asks for Megatron's own path); returns
+    how many layers were switched."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     linears = [m for m in model.modules()
                if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and _cpu_or_shared(m)]
-    if not linears or not cpu_gemm.onednn_selected():
+    if not linears or cpu_gemm.setting() == "torch":
         return 0
     for module in linears:
         module._forward_impl = _bound(module)

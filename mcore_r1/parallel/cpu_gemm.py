@@ -1,18 +1,26 @@
 """The CPU GEMM behind every linear layer we run on CPU, Megatron's and vLLM's.
 
 torch's CPU `matmul`/`F.linear` in float32 goes to MKL, and MKL runs its AVX2 kernels on AMD
-CPUs. On the CI machine (AMD EPYC with AVX-512) that measured 165-200 GFLOPS on 2 threads,
-where oneDNN's matmul primitive, reached through `torch.ops.mkldnn._linear_pointwise` with a
-plain (unpacked) weight, measured 400-460 GFLOPS for the same shapes at float32 precision
-(errors against a float64 reference of the same order as MKL's). Transposed operands are
-passed as strided views, so the backward pass (`grad @ W`, `grad.T @ x`) needs no copies.
+CPUs, AVX-512 or not. oneDNN's matmul primitive, reached through
+`torch.ops.mkldnn._linear_pointwise` with a plain (unpacked) weight, uses AVX-512 where the CPU
+has it. Which is faster depends on the CPU, measured on two AMD EPYC machines of the CI type
+(2 threads, float32, shapes of a 0.5B model's MLP):
 
-Selection happens at run time: `MCORE_R1_CPU_GEMM=torch` forces torch's own kernel,
-`onednn` requires oneDNN, unset means oneDNN when this torch build has it and a probe on
-small tensors agrees with torch. bfloat16 goes to oneDNN only where torch reports oneDNN bf16
-support (AVX-512 BW/VL/DQ; native bf16 arithmetic needs AVX512_BF16 or AMX besides): on an
-AVX2-only AMD EPYC oneDNN refuses to build a bf16 primitive at all, and torch's own kernel
-(emulated bf16, 20 GFLOPS there against 154-173 in float32) is used instead.
+- with AVX-512 (Zen 4): MKL 165-200 GFLOPS, oneDNN 400-460, at float32 precision (errors
+  against a float64 reference of the same order as MKL's);
+- AVX2 only (Zen 3): MKL 165-187 GFLOPS forward and backward, oneDNN 159 forward but 114-119
+  for the backward products (`grad @ W`, `grad.T @ x`), a third slower.
+
+So `auto` picks oneDNN on non-Intel CPUs with AVX-512 (on Intel, MKL uses AVX-512 itself) and
+torch's kernel elsewhere. The choice is a fixed rule of the CPU, not a timing probe, so a run
+and its resumption multiply with the same kernel. `MCORE_R1_CPU_GEMM=torch` or `onednn`
+forces one (`onednn` fails if this torch has no usable oneDNN). Transposed operands are
+passed as strided views, so the backward pass needs no copies.
+
+bfloat16 goes to oneDNN only where torch reports oneDNN bf16 support (AVX-512 BW/VL/DQ;
+native bf16 arithmetic needs AVX512_BF16 or AMX besides): on the AVX2-only EPYC oneDNN refuses
+to build a bf16 primitive at all, and torch's own kernel (emulated bf16, 20 GFLOPS there
+against 154-173 in float32) is used instead.
 """
 
 from __future__ import annotations
@@ -26,18 +34,46 @@ import torch
 ENV = "MCORE_R1_CPU_GEMM"
 
 
-@functools.lru_cache(maxsize=None)
-def onednn_selected() -> bool:
-    """Whether `linear` uses oneDNN in this process (decided once)."""
+def setting() -> str:
+    """`MCORE_R1_CPU_GEMM`: auto (default), onednn or torch."""
     choice = os.environ.get(ENV, "auto")
     if choice not in ("auto", "onednn", "torch"):
         raise ValueError(f"{ENV}={choice!r}: expected auto, onednn or torch")
-    if choice == "torch":
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_selected() -> bool:
+    """Whether `linear` uses oneDNN in this process (decided once)."""
+    choice = setting()
+    if choice == "torch" or (choice == "auto" and not onednn_preferred(*cpu_identity())):
         return False
     problem = _onednn_problem()
     if problem is not None and choice == "onednn":
         raise RuntimeError(f"{ENV}=onednn but oneDNN's matmul is unusable here: {problem}")
     return problem is None
+
+
+def onednn_preferred(vendor: str, flags: frozenset[str]) -> bool:
+    """The `auto` rule: oneDNN where MKL leaves AVX-512 unused (AVX-512 on a non-Intel CPU)."""
+    return "avx512f" in flags and vendor != "GenuineIntel"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_identity() -> tuple[str, frozenset[str]]:
+    """(vendor id, ISA flags) of this CPU from /proc/cpuinfo; empty where there is none."""
+    vendor, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = frozenset(value.split())
+    except OSError:
+        pass
+    return vendor, flags
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,8 +15,13 @@ def _reference(x, w, b):
     return out if b is None else out + b.double()
 
 
+KERNELS = {"selected": cpu_gemm.linear, "onednn": cpu_gemm._onednn_linear}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["2d", "3d", "bias", "strided_weight", "strided_input"])
-def test_linear_matches_float64_reference(case):
+def test_linear_matches_float64_reference(case, kernel):
+    # oneDNN itself is checked on every machine, whichever kernel `auto` picks here
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 6, 96, generator=gen) if case == "3d" else torch.randn(40, 96, generator=gen)
     w = torch.randn(72, 96, generator=gen)
@@ -25,7 +30,7 @@ def test_linear_matches_float64_reference(case):
         w = torch.randn(96, 72, generator=gen).t()
     if case == "strided_input":    # the weight gradient's operand: grad.T as a view
         x = torch.randn(96, 40, generator=gen).t()
-    got = cpu_gemm.linear(x, w, b)
+    got = KERNELS[kernel](x, w, b)
     assert got.shape == (*x.shape[:-1], 72)
     # float32 rounding of 96-term dot products of unit normals: well under 1e-4
     assert (got.double() - _reference(x, w, b)).abs().max().item() < 1e-4
@@ -41,9 +46,21 @@ def test_bfloat16_stays_bfloat16_and_close():
     assert (got.double() - ref).abs().max().item() < 0.1  # bf16 output rounding of |y| <~ 30
 
 
-def test_onednn_is_selected_where_torch_has_it():
+def test_auto_prefers_onednn_only_where_mkl_leaves_avx512_unused():
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    assert cpu_gemm.onednn_preferred("AuthenticAMD", avx512)      # Zen 4: 400-460 vs 165-200
+    assert not cpu_gemm.onednn_preferred("AuthenticAMD", avx2)    # Zen 3: backward 114 vs 187
+    assert not cpu_gemm.onednn_preferred("GenuineIntel", avx512)  # MKL uses AVX-512 itself
+    assert not cpu_gemm.onednn_preferred("", frozenset())         # no /proc/cpuinfo
+
+
+def test_this_process_follows_the_rule():
     # the CI machine's torch build ships oneDNN; a build without it must fall back silently
-    assert cpu_gemm.onednn_selected() == torch.backends.mkldnn.is_available()
+    vendor, flags = cpu_gemm.cpu_identity()
+    assert vendor and "sse2" in flags  # /proc/cpuinfo was read
+    expected = torch.backends.mkldnn.is_available() and cpu_gemm.onednn_preferred(vendor, flags)
+    assert cpu_gemm.onednn_selected() == expected
 
 
 def _selected_with(value: str) -> subprocess.CompletedProcess:
@@ -52,9 +69,12 @@ def _selected_with(value: str) -> subprocess.CompletedProcess:
                           env={**os.environ, cpu_gemm.ENV: value}, timeout=120)
 
 
-def test_environment_forces_torch_and_rejects_unknown_values():
+def test_environment_forces_either_kernel_and_rejects_unknown_values():
     forced = _selected_with("torch")
     assert forced.returncode == 0 and forced.stdout.strip() == "False"
+    if torch.backends.mkldnn.is_available():
+        forced = _selected_with("onednn")
+        assert forced.returncode == 0 and forced.stdout.strip() == "True", forced.stderr[-500:]
     bad = _selected_with("mkl")
     assert bad.returncode != 0 and "MCORE_R1_CPU_GEMM='mkl'" in bad.stderr
 
