@@ -46,21 +46,9 @@ def test_bfloat16_stays_bfloat16_and_close():
     assert (got.double() - ref).abs().max().item() < 0.1  # bf16 output rounding of |y| <~ 30
 
 
-def test_auto_prefers_onednn_only_where_mkl_leaves_avx512_unused():
-    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
-    avx512 = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
-    assert cpu_gemm.onednn_preferred("AuthenticAMD", avx512)      # Zen 4: 400-460 vs 165-200
-    assert not cpu_gemm.onednn_preferred("AuthenticAMD", avx2)    # Zen 3: backward 114 vs 187
-    assert not cpu_gemm.onednn_preferred("GenuineIntel", avx512)  # MKL uses AVX-512 itself
-    assert not cpu_gemm.onednn_preferred("", frozenset())         # no /proc/cpuinfo
-
-
-def test_this_process_follows_the_rule():
+def test_onednn_is_selected_where_torch_has_it():
     # the CI machine's torch build ships oneDNN; a build without it must fall back silently
-    vendor, flags = cpu_gemm.cpu_identity()
-    assert vendor and "sse2" in flags  # /proc/cpuinfo was read
-    expected = torch.backends.mkldnn.is_available() and cpu_gemm.onednn_preferred(vendor, flags)
-    assert cpu_gemm.onednn_selected() == expected
+    assert cpu_gemm.onednn_selected() == torch.backends.mkldnn.is_available()
 
 
 def _selected_with(value: str) -> subprocess.CompletedProcess:
