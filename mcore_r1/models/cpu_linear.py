@@ -1,10 +1,10 @@
 """Megatron's tensor-parallel linear layers on CPU, with their GEMMs on `parallel.cpu_gemm`.
 
 Megatron's local (non-TransformerEngine) linear layers compute with `torch.matmul`, which on
-CPU is MKL's float32 GEMM; `cpu_gemm.linear` picks oneDNN where that is faster (about twice
-on AMD CPUs with AVX-512, same precision) and torch's kernel elsewhere, so every CPU machine
-runs this one code path. `use_cpu_gemm(model)` points each `ColumnParallelLinear`/`RowParallelLinear` of a
-CPU model at `cpu_linear_impl`, an autograd function with Megatron's semantics for what CPU
+CPU is MKL's float32 GEMM; `cpu_gemm.linear` uses oneDNN where torch has it (about twice as
+fast on AMD CPUs with AVX-512, same precision; see its docstring for AVX2 CPUs) and torch's
+kernel otherwise. `use_cpu_gemm(model)` points each `ColumnParallelLinear`/`RowParallelLinear`
+of a CPU model at `cpu_linear_impl`, an autograd function with Megatron's semantics for what CPU
 training uses: forward, input gradient (all-reduced over TP when Megatron asks for it, issued
 before the weight gradient so the two overlap), weight and bias gradients, frozen weights
 (the reference model, a frozen vision tower) saving no activations. Whatever it does not
