@@ -156,11 +156,11 @@ def export_skip(hf: dict[str, Any]) -> Callable[[Rule], bool]:
 
 
 def load_hf_model(model_dir, layout: dense.ModelLayout, dtype: torch.dtype = torch.float32,
-                  progress=None):
+                  progress=None, defer=None):
     """Build this rank's stage of the model in `model_dir` and fill it from the HF weights.
 
     Needs Megatron's parallel groups initialised for `layout`. Each rank reads only the HF
-    tensors its own parameters are made from.
+    tensors its own parameters are made from. `defer`: see `mapping.load_hf_weights`.
     """
     from megatron.core import parallel_state as mpu
 
@@ -173,5 +173,5 @@ def load_hf_model(model_dir, layout: dense.ModelLayout, dtype: torch.dtype = tor
                         post_process=mpu.is_pipeline_last_stage(), init_weights=False)
     load_hf_weights(model, HFCheckpointReader(model_dir), weight_rules(hf, layout.tp),
                     tp_rank=mpu.get_tensor_model_parallel_rank(), tp=layout.tp,
-                    layer_prefixes=layer_tables(model), progress=progress)
+                    layer_prefixes=layer_tables(model), progress=progress, defer=defer)
     return model, hf

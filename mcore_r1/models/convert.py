@@ -26,7 +26,7 @@ from mcore_r1.models.builder import (
     build_model, export_skip, gc_paused, layer_tables, load_hf_model, weight_rules,
 )
 from mcore_r1.models.dense import ModelLayout
-from mcore_r1.models.dist_io import load_strategy, save_strategy
+from mcore_r1.models.dist_io import DirectWrites, load_strategy, merge_in_place, save_strategy
 from mcore_r1.models.hf_checkpoint import write_index, write_shards
 from mcore_r1.models.mapping import export_hf_weights
 from mcore_r1.models.registry import read_hf_config
@@ -120,12 +120,14 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ModelLayout,
     hf = read_hf_config(hf_dir)
     staging = _prepare_output(out_dir, overwrite)
     bar, tick = _progress("reading HF weights")
-    model, _ = load_hf_model(hf_dir, layout, config_dtype(hf), progress=tick)
+    direct = DirectWrites()  # tensors stored unchanged go from the HF file to the new one
+    model, _ = load_hf_model(hf_dir, layout, config_dtype(hf), progress=tick, defer=direct)
     bar.close()
     if dist.get_rank() == 0:
         (staging / "model").mkdir()
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"),
+    dist_checkpointing.save(direct.point_at_sources(model.sharded_state_dict()),
+                            str(staging / "model"),
                             sharded_strategy=save_strategy(fsync=False, checksums=False))
     if dist.get_rank() == 0:
         copy_hf_metadata(hf_dir, staging / "hf")
@@ -171,8 +173,8 @@ def load_mcore_model(mcore_dir: str | Path, layout: ModelLayout):
     read_meta(mcore_dir)
     hf = read_hf_config(mcore_dir / "hf")
     model = build_model(hf, layout, config_dtype(hf), init_weights=False, **_stage_flags())
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir / "model"),
-                                    sharded_strategy=load_strategy())
+    state = dist_checkpointing.load(merge_in_place(model.sharded_state_dict()),
+                                    str(mcore_dir / "model"), sharded_strategy=load_strategy())
     model.load_state_dict(state, strict=True)
     return model, hf
 

@@ -58,13 +58,19 @@ class Transform:
     # `to_mcore(sources)` into `target` straight from the sources, without building the full
     # tensor; None falls back to building it
     fill_shard: Optional[Callable[[torch.Tensor, Sequence[torch.Tensor], int, int, int], None]] = None
+    # (HF tensors, tp_rank, tp, tp_dim): this rank's piece of `to_mcore(sources)` as views of
+    # the sources, stacked along dim 0, when it is made of them unchanged; None when it is not
+    # (interleaved, padded). Loading copies the views; a converter can write them directly.
+    pieces: Optional[Callable[[Sequence[torch.Tensor], int, int, int],
+                              Optional[list[torch.Tensor]]]] = None
 
 
 def copy_transform() -> Transform:
-    def fill_shard(target, ts, rank, tp, dim):
-        target.copy_(ts[0].chunk(tp, dim=dim)[rank] if tp > 1 else ts[0])
+    def pieces(ts, rank, tp, dim):
+        return [ts[0].chunk(tp, dim=dim)[rank] if tp > 1 else ts[0]]
 
-    return Transform("copy", lambda ts: ts[0], lambda t: [t], lambda t, rank, tp: [t], fill_shard)
+    return Transform("copy", lambda ts: ts[0], lambda t: [t], lambda t, rank, tp: [t],
+                     pieces=pieces)
 
 
 def qkv_transform(num_heads: int, num_groups: int, head_dim: int) -> Transform:
@@ -107,13 +113,12 @@ def gate_up_transform() -> Transform:
     def to_hf(t: torch.Tensor) -> list[torch.Tensor]:
         return [x.contiguous() for x in t.chunk(2, dim=0)]
 
-    def fill_shard(target, ts, rank, tp, dim):
-        for half, source in zip(target.chunk(2, dim=0), ts):
-            half.copy_(source.chunk(tp, dim=0)[rank])
+    def pieces(ts, rank, tp, dim):
+        return [source.chunk(tp, dim=0)[rank] for source in ts]
 
     # a TP shard is [gate_r; up_r] (see Rule.split)
     return Transform("gate_up", lambda ts: torch.cat([ts[0], ts[1]], dim=0), to_hf,
-                     lambda t, rank, tp: to_hf(t), fill_shard)
+                     lambda t, rank, tp: to_hf(t), pieces=pieces)
 
 
 def vocab_transform(vocab_size: int, padded_size: int) -> Transform:
@@ -134,8 +139,14 @@ def vocab_transform(vocab_size: int, padded_size: int) -> Transform:
         target[:real].copy_(ts[0][rank * rows:rank * rows + real])
         target[real:].zero_()
 
+    def pieces(ts, rank, tp, dim):
+        rows = padded_size // tp
+        if ts[0].shape[0] != padded_size:  # padding rows exist only in the Megatron tensor
+            return None
+        return [ts[0][rank * rows:(rank + 1) * rows]]
+
     return Transform("vocab", to_mcore, lambda t: [t[:vocab_size].contiguous()], to_hf_shard,
-                     fill_shard)
+                     fill_shard, pieces)
 
 
 @dataclass(frozen=True)
@@ -160,10 +171,24 @@ class Rule:
             return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]], dim=0)
         return full.chunk(tp, dim=self.tp_dim)[tp_rank]
 
+    def stored_pieces(self, sources: Sequence[torch.Tensor], tp_rank: int,
+                      tp: int) -> Optional[list[torch.Tensor]]:
+        """This rank's shard as views of `sources` (concatenated along dim 0), or None when
+        the transform changes the bytes or their order."""
+        if self.transform.pieces is None:
+            return None
+        if self.tp_dim is None:
+            tp_rank, tp = 0, 1
+        return self.transform.pieces(sources, tp_rank, tp, self.tp_dim)
+
     def fill(self, target: torch.Tensor, sources: Sequence[torch.Tensor], tp_rank: int,
              tp: int) -> None:
         """`target.copy_(self.split(self.transform.to_mcore(sources), tp_rank, tp))`, copying
         each source byte once (the caller has checked the shapes)."""
+        pieces = self.stored_pieces(sources, tp_rank, tp)
+        if pieces is not None:
+            copy_pieces(target, pieces)
+            return
         if self.tp_dim is None:
             tp_rank, tp = 0, 1
         if self.transform.fill_shard is None:
@@ -197,6 +222,12 @@ class Rule:
             raise MappingError(f"{self.mcore}: transform {self.transform.kind!r} has no "
                                "per-shard HF conversion; gather over TP instead")
         return self.transform.to_hf_shard(shard, tp_rank, tp)
+
+
+def copy_pieces(target: torch.Tensor, pieces: Sequence[torch.Tensor]) -> None:
+    """`target.copy_(torch.cat(pieces))` without building the concatenation."""
+    for block, piece in zip(target.split([p.shape[0] for p in pieces]), pieces):
+        block.copy_(piece)
 
 
 @dataclass(frozen=True)
@@ -263,11 +294,16 @@ def load_hf_weights(
     tp: int = 1,
     layer_prefixes: Optional[dict[str, dict[int, int]]] = None,
     progress: Optional[Callable[[Binding], None]] = None,
+    defer: Optional[Callable[[torch.Tensor, list[torch.Tensor]], bool]] = None,
 ) -> int:
     """Fill this rank's Megatron parameters from HF tensors; returns the count loaded.
 
     Every parameter must be covered by a rule and every shape must match: a mismatch names
     the Megatron tensor, its HF sources and both shapes.
+
+    `defer(parameter, pieces)` is offered every parameter whose shard is HF tensors stored
+    unchanged (`Rule.stored_pieces`); when it returns True the parameter is left unfilled and
+    the caller takes over (a converter writes the pieces instead, see `dist_io`).
     """
     bindings = bind_rules(model, rules, layer_prefixes)
     missing = unmapped_parameters(model, bindings)
@@ -279,8 +315,10 @@ def load_hf_weights(
         sources = [get_hf_tensor(name) for name in binding.hf_names]
         target = targets[binding.local_name]
         _check_shard_shape(binding, sources, target, tp_rank, tp)
-        with torch.no_grad():
-            binding.rule.fill(target, sources, tp_rank, tp)
+        pieces = binding.rule.stored_pieces(sources, tp_rank, tp) if defer else None
+        if pieces is None or not defer(target, pieces):
+            with torch.no_grad():
+                binding.rule.fill(target, sources, tp_rank, tp)
         if progress:
             progress(binding)
     return len(bindings)

@@ -67,12 +67,13 @@ def load_model(module: torch.nn.Module, optimizer, scheduler, path: Path, model_
     """Load one model chunk and its optimizer/scheduler state, at this run's layout."""
     from megatron.core import dist_checkpointing
 
-    from mcore_r1.models.dist_io import load_strategy
+    from mcore_r1.models.dist_io import load_strategy, merge_in_place
 
     for sub in (model_dir, optimizer_dir):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"checkpoint {path} has no {sub}/ directory")
-    weights = dist_checkpointing.load(module.sharded_state_dict(), str(path / model_dir),
+    weights = dist_checkpointing.load(merge_in_place(module.sharded_state_dict()),
+                                      str(path / model_dir),
                                       sharded_strategy=load_strategy())
     module.load_state_dict(weights, strict=True)
     template = {"optimizer": optimizer.sharded_state_dict(

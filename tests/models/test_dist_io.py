@@ -146,3 +146,49 @@ def test_resharded_load_matches_megatron_reader(tmp_path):
         # each rank's column slice overlaps both saved row shards of "rows" and one of "cols";
         # the float32 target of the bf16 record goes to torch's reader
         assert (copied, declined) == (3, 1)
+
+
+def _swiglu_round_trip(rank, world_size, directory):
+    """fc1 = [gate; up] saved split over TP=2 through Megatron's SwiGLU factory, loaded whole
+    on each rank (a resharded load) with and without `merge_in_place`."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    from mcore_r1.parallel import ParallelDims
+    from mcore_r1.parallel.runtime import initialize_parallel
+
+    initialize_parallel(ParallelDims(world_size, tp=world_size))
+    gate, up = FULL["rows"], FULL["rows"] * 2 + 1
+
+    def factory(data, rank_, parts, replica):
+        tensor = ShardedTensor.from_rank_offsets("fc1", data, (0, rank_, parts),
+                                                 replica_id=replica)
+        return {"fc1": apply_swiglu_sharded_factory(tensor, ())}
+
+    shard = torch.cat([gate.chunk(world_size)[rank], up.chunk(world_size)[rank]])
+    dist_checkpointing.save(factory(shard, rank, world_size, 0), directory,
+                            sharded_strategy=dist_io.save_strategy(fsync=False, checksums=False))
+    target = torch.full((2 * gate.shape[0], gate.shape[1]), -1.0, dtype=gate.dtype)
+    loaded = dist_checkpointing.load(dist_io.merge_in_place(factory(target, 0, 1, rank)),
+                                     directory, sharded_strategy=dist_io.load_strategy())
+    plain = dist_checkpointing.load(factory(torch.zeros_like(target), 0, 1, rank), directory)
+    return loaded["fc1"] is target, target.clone(), plain["fc1"].clone()
+
+
+def test_swiglu_merge_returns_the_loaded_parameter(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    gate, up = FULL["rows"], FULL["rows"] * 2 + 1
+    for same, in_place, plain in run_workers(_swiglu_round_trip, 2, str(tmp_path / "ckpt")):
+        assert same  # no concatenated copy: the factory hands back the tensor it filled
+        assert torch.equal(in_place, torch.cat([gate, up]))
+        assert torch.equal(plain, in_place)  # Megatron's own load and merge agree
+
+
+def test_in_place_merge_falls_back_unless_pieces_are_the_chunks():
+    data = torch.arange(12.0).reshape(4, 3)
+    merge = dist_io._in_place_cat(data, lambda pieces: torch.cat(pieces))
+    assert merge(list(data.chunk(2))) is data
+    copies = [c.clone() * 10 for c in data.chunk(2)]  # loaded somewhere else
+    assert torch.equal(merge(copies), data * 10)
+    assert torch.equal(merge(list(reversed(data.chunk(2)))), torch.cat([data[2:], data[:2]]))
