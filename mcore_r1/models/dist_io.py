@@ -122,6 +122,7 @@ class DirectWrites:
 
     def __init__(self):
         self.deferred: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self.swapped = self.filled = 0  # tensors now saved from HF pieces; parameters filled
 
     def __call__(self, parameter: torch.Tensor, pieces: list[torch.Tensor]) -> bool:
         if parameter.is_contiguous() and all(_is_whole_storage(p) and p.dtype == parameter.dtype
@@ -153,9 +154,11 @@ class DirectWrites:
                 unswapped.add(order[at])
             else:
                 tensor.data = piece
+                self.swapped += 1
         with torch.no_grad():
             for owner in sorted(unswapped):
                 copy_pieces(*self.deferred[owner])
+        self.filled += len(unswapped)
         return sharded_state_dict
 
 

@@ -64,14 +64,14 @@ def populate(buffer: mmap.mmap, offset: int, count: int) -> None:
     of the speed: writing a 0.92 GiB mapped file out took 0.67-0.93 s, and 0.31 s after this.
     Best effort: on older kernels the pages are faulted in as they are read."""
     start = offset - offset % mmap.PAGESIZE
-    if count > 0:
+    if count > 0 and isinstance(buffer, mmap.mmap):  # other buffers are in memory already
         try:
             buffer.madvise(_MADV_POPULATE_READ, start, offset + count - start)
         except (OSError, ValueError):
             pass
 
 
-def frombuffer(buffer: mmap.mmap, offset: int, count: int) -> torch.Tensor:
+def frombuffer(buffer, offset: int, count: int) -> torch.Tensor:
     """`count` bytes of a read-only mapping as a uint8 tensor, without a copy, its pages mapped
     in (`populate`). The tensor must only be read: torch cannot mark it read-only (hence the
     warning silenced here), and a write into the mapping faults."""

@@ -23,7 +23,9 @@ contiguous block of every HF tensor (`to_hf_shard`), the layout tensor-parallel 
 engines load; `export_hf_shards` uses it so a rank can hand over its weights without gathering.
 The other way, `fill_shard` copies each HF tensor's piece straight into this rank's shard, so
 loading a checkpoint copies every byte once (`Rule.fill`; the same result as
-`split(to_mcore(...))`, which stays the definition).
+`split(to_mcore(...))`, which stays the definition). Where a shard is HF tensors stored
+unchanged (copy, gate_up, unpadded vocab), `pieces` names those views; filling copies them, and
+the converter writes them to the new checkpoint without copying them into the model at all.
 """
 
 from __future__ import annotations

@@ -109,6 +109,15 @@ def test_round_trip_tp2_pp2_is_bit_exact(models, tmp_path):
     assert torch.equal(hf_logits(tmp_path / "llama3.hf", tokens()), expected)
 
 
+def test_round_trip_from_tp1_written_from_the_hf_files_is_bit_exact(models, tmp_path):
+    # at TP=1 most tensors are written straight from the mapped HF files (dist_io.DirectWrites)
+    names = ("qwen2", "qwen2_5_vl")
+    run_workers(_to_mcore, 1, 1, 1, [(str(models[n]), str(tmp_path / f"{n}.mcore")) for n in names])
+    run_workers(_to_hf, 2, 2, 1, [(str(tmp_path / f"{n}.mcore"), str(tmp_path / f"{n}.hf")) for n in names])
+    for name in names:
+        assert_same_checkpoint(models[name], tmp_path / f"{name}.hf")
+
+
 def test_saved_at_tp2_loads_at_pp2_with_same_logits(models, tmp_path):
     run_workers(_to_mcore, 2, 2, 1, [(str(models["qwen2"]), str(tmp_path / "m"))])
     results = run_workers(_logits_from, 2, 1, 2, str(tmp_path / "m"), "mcore")

@@ -192,3 +192,59 @@ def test_in_place_merge_falls_back_unless_pieces_are_the_chunks():
     copies = [c.clone() * 10 for c in data.chunk(2)]  # loaded somewhere else
     assert torch.equal(merge(copies), data * 10)
     assert torch.equal(merge(list(reversed(data.chunk(2)))), torch.cat([data[2:], data[:2]]))
+
+
+def test_direct_writes_point_tensors_at_their_sources_or_fill_the_parameter():
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    whole, fc1, by_columns = (torch.full((4, 3), -1.0) for _ in range(3))
+    whole_piece = torch.arange(12.0).reshape(4, 3)
+    gate, up = torch.arange(6.0).reshape(2, 3) + 100, torch.arange(6.0).reshape(2, 3) + 200
+    columns_piece = torch.arange(12.0).reshape(4, 3) + 300
+    direct = dist_io.DirectWrites()
+    assert direct(whole, [whole_piece]) and direct(fc1, [gate, up])
+    assert direct(by_columns, [columns_piece])
+    assert not direct(torch.empty(2, 3), [whole_piece[:2]])  # a view: the writer would copy it
+    assert not direct(torch.empty(4, 3, dtype=torch.bfloat16), [whole_piece])
+    state = {
+        "whole": ShardedTensor.from_rank_offsets("whole", whole),
+        "fc1": apply_swiglu_sharded_factory(ShardedTensor.from_rank_offsets("fc1", fc1), ()),
+        # saved through a view that is not a run of rows: cannot be swapped
+        "cols": [ShardedTensor.from_rank_offsets("cols", by_columns[:, :2].contiguous()),
+                 ShardedTensor.from_rank_offsets("cols2", by_columns[:, 1:])],
+    }
+    direct.point_at_sources(state)
+    saved = {t.key: t.data for t in nested_values(state)}
+    assert saved["whole"] is whole_piece
+    assert state["fc1"][0].data is gate and state["fc1"][1].data is up
+    assert (direct.swapped, direct.filled) == (3, 1)
+    assert torch.equal(by_columns, columns_piece)  # filled after all
+    assert torch.equal(whole, torch.full((4, 3), -1.0))  # deferred and never written
+
+
+def _direct_conversion_counts(rank, world_size, model_dir):
+    from mcore_r1.models.builder import layer_tables, load_hf_model, weight_rules
+    from mcore_r1.models.dense import ModelLayout
+    from mcore_r1.models.mapping import bind_rules
+    from mcore_r1.models.registry import read_hf_config
+    from mcore_r1.parallel import ParallelDims
+    from mcore_r1.parallel.runtime import initialize_parallel
+
+    initialize_parallel(ParallelDims(1))
+    direct = dist_io.DirectWrites()
+    model, hf = load_hf_model(model_dir, ModelLayout(), defer=direct)
+    kinds = [b.rule.transform.kind
+             for b in bind_rules(model, weight_rules(hf, 1), layer_tables(model))]
+    direct.point_at_sources(model.sharded_state_dict())
+    return kinds, len(direct.deferred), direct.swapped, direct.filled
+
+
+def test_tp1_conversion_writes_every_unchanged_tensor_from_the_hf_file(tmp_path):
+    from mcore_r1.models.tiny import ensure_tiny_model
+
+    model_dir = ensure_tiny_model("qwen2", tmp_path)
+    kinds, deferred, swapped, filled = run_workers(_direct_conversion_counts, 1, str(model_dir))[0]
+    assert deferred == len(kinds) - kinds.count("qkv") > 0  # all but the interleaved qkv
+    assert filled == 0 and swapped == deferred + kinds.count("gate_up")  # fc1 saves as 2
