@@ -19,7 +19,7 @@ and so does this benchmark, so the baseline in the same process gets them too. T
 baseline slower (0.46 against 0.35 s), so the baseline is also timed in a child process started
 with the default allocator, and the ratio is taken against the faster of the two.
 
-  ./run.sh python bench/convert_bench.py [--dtype bfloat16] [--repeats 3] [--warm-gib 3]
+  ./run.sh python bench/convert_bench.py [--dtype bfloat16] [--repeats 5] [--warm-gib 3]
                                         [--workdir DIR]
 """
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (median)")
     parser.add_argument("--warm-gib", type=float, default=3.0,
                         help="memory touched and freed before each phase (0: off)")
     parser.add_argument("--baseline-only", metavar="DIR", default=None,
