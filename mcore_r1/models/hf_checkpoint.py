@@ -56,7 +56,7 @@ def map_file(f) -> mmap.mmap:
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
-def populate(buffer: mmap.mmap, offset: int, count: int) -> None:
+def populate(buffer, offset: int, count: int) -> None:
     """Map `count` bytes of the file at `offset` into this process in one call.
 
     Touched lazily, a mapping costs a page fault per 64 KiB (the kernel's fault-around), and

@@ -228,7 +228,6 @@ def _direct_conversion_counts(rank, world_size, model_dir):
     from mcore_r1.models.builder import layer_tables, load_hf_model, weight_rules
     from mcore_r1.models.dense import ModelLayout
     from mcore_r1.models.mapping import bind_rules
-    from mcore_r1.models.registry import read_hf_config
     from mcore_r1.parallel import ParallelDims
     from mcore_r1.parallel.runtime import initialize_parallel
 
